@@ -262,11 +262,19 @@ def read_jmere(path):
   return examples
 
 
-def colleague_encoder():
+def data_layer_encoder():
+  """The data layer's `encode_grid` and vocabulary, fed our tuples in its Span/Quintuple form."""
   tokenization = pytest.importorskip(
       "shapca_jax.data.tokenization", reason="the data layer's encode_grid is not written yet")
-  labels = pytest.importorskip("shapca_jax.data.labels")
-  return tokenization.encode_grid, labels
+  from shapca_jax.data import labels
+
+  def encode_fn(num_words, entities, quintuples):
+    span = lambda bounds, label: labels.Span(bounds[0], bounds[1], label)  # noqa: E731
+    return tokenization.encode_grid(
+        num_words, [span(*entity) for entity in entities],
+        [labels.Quintuple(span(h, ht), span(t, tt), r) for h, ht, t, tt, r in quintuples])
+
+  return encode_fn, labels
 
 
 @pytest.mark.parametrize("encoder", ["local", "data_layer"])
@@ -282,9 +290,10 @@ def test_jmere_dev_round_trip(shared_data_dir, encoder):
                                signatures, head_follows_tail)
     encode_fn = lambda n, entities, quintuples: encode(n, entities, quintuples, vocab)  # noqa: E731
   else:
-    encode_fn, labels = colleague_encoder()
-    vocab = wordpair.GridVocab(tuple(labels.JMERE_ENTITY_TYPES), tuple(labels.JMERE_RELATIONS),
-                               signatures, head_follows_tail)
+    encode_fn, labels = data_layer_encoder()
+    assert wordpair.signatures_from_mnre_labels(labels.MNRE_RELATIONS) == signatures
+    vocab = wordpair.GridVocab(labels.ENTITY_TYPES, labels.JMERE_RELATIONS, signatures,
+                               head_follows_tail)
 
   dev = read_jmere(shared_data_dir / "jmere" / "val.json")
   lost_by_reason = collections.Counter()
