@@ -1,0 +1,489 @@
+"""Checkpoints of a training run: the latest state for resuming, the best params for evaluation.
+
+A thin layer over ``orbax.checkpoint.CheckpointManager`` (orbax-checkpoint 0.11.30 - 0.12.x)
+that fixes the resume rules the training loop relies on. Layout under ``<workdir>/checkpoints``:
+
+  latest/<step>/state   the train state (params, optimizer state, ...) as sharded arrays
+  latest/<step>/data    the data-iterator state, one JSON file per process
+  latest/<step>/meta    JSON: config, RNG key, best metric so far
+  best/<step>/params    params of the best evaluation so far (on ``best_metric``)
+  best/<step>/meta      JSON: config, the metric values of that evaluation
+
+Orbax writes every step into a temporary directory and renames it when complete, so a save
+killed midway leaves only a ``*.orbax-checkpoint-tmp*`` folder that is ignored and deleted on
+the next start; the previous step stays the latest.
+
+Resume rules:
+  * A run started again in the same workdir continues from the latest step
+    (``TrainCheckpointer.restore_latest``); saving into a workdir that holds checkpoints before
+    restoring them is an error, and so is saving a step at or below the latest one, so nothing
+    is silently overwritten.
+  * If the stored config differs from the run's config (keys outside ``resume_ignore_keys``),
+    opening the workdir raises ``IncompatibleCheckpointError`` naming the differing keys.
+  * Arrays restore onto the shardings of the abstract state the caller passes (e.g. from
+    ``jax.eval_shape`` plus the run's shardings), so a checkpoint written on one mesh restores
+    onto another.
+  * A state with NaN or infinite values is never saved, so the last good checkpoint survives a
+    diverged run.
+"""
+
+import base64
+import dataclasses
+import fnmatch
+import json
+import logging
+import math
+from typing import Any, Iterable, Mapping, Optional, Union
+
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+DataState = Union[Mapping[str, Any], bytes, None]
+
+LATEST_DIR = "latest"
+BEST_DIR = "best"
+_BYTES_KEY = "__bytes_base64__"
+_FORMAT_VERSION = 1
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The workdir holds checkpoints written with a different config."""
+
+
+class NonFiniteStateError(ValueError):
+  """The state to be saved holds NaN or infinite values."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """What ``restore_latest`` hands back to the training loop."""
+  step: int
+  state: PyTree
+  data_state: DataState
+  rng: Optional[jax.Array]
+  metadata: Mapping[str, Any]
+
+
+# ------------------------------------------------------------------ per-process data-state item
+
+
+class _ProcessJsonHandler:
+  """Orbax handler storing one JSON document per process (each process has its own data shard).
+
+  Implements the ``orbax.checkpoint.CheckpointHandler`` protocol, like grain's own handler.
+  """
+
+  def save(self, directory: epath.Path, args: "_DataStateSave"):
+    _process_file(directory).write_text(json.dumps(args.value))
+
+  def restore(self, directory: epath.Path, args: Optional["_DataStateRestore"] = None) -> DataState:
+    del args
+    path = _process_file(directory)
+    if not path.exists():
+      saved = sorted(p.name for p in directory.iterdir())
+      raise ValueError(f"{path} does not exist: the data-iterator state was saved by a different "
+                       f"number of processes ({saved}); resume with the same process count")
+    return _decode_data_state(json.loads(path.read_text()))
+
+  def metadata(self, directory: epath.Path) -> None:
+    del directory
+
+  def structure(self, directory: epath.Path) -> None:
+    del directory
+
+  def finalize(self, directory: epath.Path):
+    pass
+
+  def close(self):
+    pass
+
+  @classmethod
+  def typestr(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@ocp.args.register_with_handler(_ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class _DataStateSave(ocp.args.CheckpointArgs):
+  value: Any  # already passed through _encode_data_state
+
+
+@ocp.args.register_with_handler(_ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataStateRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+def _process_file(directory: epath.Path) -> epath.Path:
+  return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+def _encode_data_state(value: DataState) -> Any:
+  if isinstance(value, bytes):
+    return {_BYTES_KEY: base64.b64encode(value).decode("ascii")}
+  try:
+    json.dumps(value)
+  except TypeError as e:
+    raise TypeError(f"data_state must be JSON-serialisable or bytes: {e}") from None
+  return value
+
+
+def _decode_data_state(value: Any) -> DataState:
+  if isinstance(value, dict) and set(value) == {_BYTES_KEY}:
+    return base64.b64decode(value[_BYTES_KEY])
+  return value
+
+
+# ------------------------------------------------------------------ config and RNG as JSON
+
+
+def flatten_config(config: Any) -> dict[str, Any]:
+  """``{"a.b": value}`` from a nested mapping or ml_collections ConfigDict, JSON-normalised."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  flat = {}
+
+  def visit(prefix: str, node: Any):
+    if isinstance(node, Mapping) and node:
+      for key, value in node.items():
+        visit(f"{prefix}.{key}" if prefix else str(key), value)
+    else:
+      flat[prefix] = node
+
+  visit("", config)
+  # The JSON round trip makes tuples lists and odd objects strings, as they will read back.
+  return json.loads(json.dumps(flat, default=str))
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       ignore: Iterable[str] = ()) -> list[str]:
+  """Human-readable lines naming every flat key whose value differs (fnmatch ``ignore``)."""
+  ignore = tuple(ignore)
+  lines = []
+  for key in sorted(set(saved) | set(current)):
+    if any(fnmatch.fnmatchcase(key, pattern) for pattern in ignore):
+      continue
+    if key not in current:
+      lines.append(f"{key} (only in the checkpoint: {saved[key]!r})")
+    elif key not in saved:
+      lines.append(f"{key} (not in the checkpoint; now {current[key]!r})")
+    elif saved[key] != current[key]:
+      lines.append(f"{key} (checkpoint {saved[key]!r}, now {current[key]!r})")
+  return lines
+
+
+def _encode_rng(rng: Optional[jax.Array]) -> Optional[dict[str, Any]]:
+  if rng is None:
+    return None
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    impl = str(jax.random.key_impl(rng))
+    rng = jax.random.key_data(rng)
+  else:  # a raw uint32 key from jax.random.PRNGKey
+    impl = None
+  return {"impl": impl, "data": np.asarray(rng).tolist()}
+
+
+def _decode_rng(record: Optional[Mapping[str, Any]]) -> Optional[jax.Array]:
+  if record is None:
+    return None
+  data = jnp.asarray(np.asarray(record["data"], dtype=np.uint32))
+  return data if record["impl"] is None else jax.random.wrap_key_data(data, impl=record["impl"])
+
+
+# ------------------------------------------------------------------ arrays
+
+
+def _abstract(tree: PyTree) -> PyTree:
+  """ShapeDtypeStructs with shardings; leaves without one are replicated over all devices."""
+  replicated = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",)), jax.sharding.PartitionSpec())
+
+  def leaf(x):
+    sharding = getattr(x, "sharding", None) or replicated
+    return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=sharding)
+
+  return jax.tree.map(leaf, tree)
+
+
+@jax.jit
+def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def _check_finite(step: int, tree: PyTree, what: str):
+  paths, leaves = [], []
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+      paths.append(jax.tree_util.keystr(path))
+      leaves.append(x)
+  if not leaves:
+    return
+  flags = np.asarray(_finite_flags(leaves))
+  bad = [path for path, ok in zip(paths, flags) if not ok]
+  if bad:
+    raise NonFiniteStateError(f"refusing to save {what} at step {step}: NaN/inf in "
+                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+
+
+# ------------------------------------------------------------------ managers
+
+
+def _manager(directory: epath.Path, *, read_only: bool, max_to_keep: Optional[int] = None,
+             best_metric: Optional[str] = None, best_mode: str = "max",
+             async_save: bool = True) -> ocp.CheckpointManager:
+  best_fn = None if best_metric is None else (lambda metrics: metrics[best_metric])
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, best_fn=best_fn, best_mode=best_mode,
+      keep_checkpoints_without_metrics=best_metric is None,
+      create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
+      enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def _restore_latest_from(manager: ocp.CheckpointManager,
+                         abstract_state: PyTree) -> Optional[Restored]:
+  step = manager.latest_step()
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(_abstract(abstract_state)),
+      data=_DataStateRestore(),
+      meta=ocp.args.JsonRestore()))
+  meta = restored["meta"]
+  return Restored(step=step, state=restored["state"], data_state=restored["data"],
+                  rng=_decode_rng(meta.get("rng")), metadata=meta)
+
+
+def restore_latest(workdir: Union[str, epath.Path], abstract_state: PyTree) -> Optional[Restored]:
+  """Reads the latest train state of ``workdir`` (read-only), or None when there is none.
+
+  Args:
+    workdir: the run's working directory (checkpoints live in ``workdir/checkpoints``).
+    abstract_state: the state's structure with shapes, dtypes and target shardings, e.g.
+      ``jax.eval_shape(create_state, ...)`` with shardings set; concrete arrays also work.
+  """
+  directory = epath.Path(workdir) / "checkpoints" / LATEST_DIR
+  if not directory.exists():
+    return None
+  manager = _manager(directory, read_only=True)
+  try:
+    return _restore_latest_from(manager, abstract_state)
+  finally:
+    manager.close()
+
+
+def _best_score(meta: Mapping[str, Any]) -> float:
+  best = meta["best"]
+  return best["value"] if best["mode"] == "max" else -best["value"]
+
+
+def restore_best(workdir: Union[str, epath.Path], abstract_params: PyTree) -> PyTree:
+  """The params of the best evaluation in ``workdir``, on the shardings of ``abstract_params``."""
+  directory = epath.Path(workdir) / "checkpoints" / BEST_DIR
+  if not directory.exists():
+    raise FileNotFoundError(f"no best checkpoint under {directory}")
+  manager = _manager(directory, read_only=True)
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no best checkpoint under {directory}")
+    # One step is kept; two exist only if a run died between saving a new best and pruning.
+    step = max(steps, key=lambda s: _best_score(_read_meta(manager, s)))
+    return manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract(abstract_params))))["params"]
+  finally:
+    manager.close()
+
+
+class TrainCheckpointer:
+  """The latest and best checkpoints of one run in ``workdir``, with the resume rules.
+
+  Use it as a context manager (or call ``close``), so pending asynchronous writes finish::
+
+    with TrainCheckpointer(workdir, config, save_every_steps=500) as ckpt:
+      restored = ckpt.restore_latest(abstract_state)  # None on a fresh workdir
+      if restored:
+        state, rng, start = restored.state, restored.rng, restored.step
+        iterator.set_state(restored.data_state)
+      for step in range(start + 1, num_steps + 1):
+        state, metrics = train_step(state, next(iterator), rng)
+        if ckpt.should_save(step) or step == num_steps:
+          ckpt.save_latest(step, state, data_state=iterator.get_state(), rng=rng)
+        if step % eval_every == 0:
+          ckpt.save_best(step, state.params, evaluate(state.params))
+
+  Saving copies the arrays to host before returning and writes them in the background, so the
+  next (donating) train step may start at once. All processes must make the same calls.
+  """
+
+  def __init__(self, workdir: Union[str, epath.Path], config: Any, *, save_every_steps: int,
+               keep_latest: int = 2, best_metric: str = "f1", best_mode: str = "max",
+               resume_ignore_keys: Iterable[str] = (), async_save: bool = True):
+    """Opens (creating if needed) ``workdir/checkpoints`` and checks it against ``config``.
+
+    Args:
+      workdir: the run's working directory.
+      config: the run's config (nested mapping or ml_collections ConfigDict); stored with every
+        checkpoint and compared with the stored one on resume.
+      save_every_steps: ``should_save`` is true every this many steps.
+      keep_latest: how many latest checkpoints to keep.
+      best_metric: key of the metrics passed to ``save_best`` that ranks evaluations.
+      best_mode: ``"max"`` or ``"min"``.
+      resume_ignore_keys: flat config keys (fnmatch patterns, e.g. ``"log_every"``,
+        ``"eval.*"``) that may change between a run and its resumption.
+      async_save: write checkpoints in a background thread.
+
+    Raises:
+      IncompatibleCheckpointError: stored checkpoints come from a different config.
+    """
+    if save_every_steps < 1:
+      raise ValueError(f"save_every_steps must be >= 1, got {save_every_steps}")
+    if keep_latest < 1:
+      raise ValueError(f"keep_latest must be >= 1, got {keep_latest}")
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    self._config = flatten_config(config)
+    self._save_every = save_every_steps
+    self._best_metric = best_metric
+    self._best_mode = best_mode
+    root = epath.Path(workdir) / "checkpoints"
+    self._latest = _manager(root / LATEST_DIR, read_only=False, max_to_keep=keep_latest,
+                            async_save=async_save)
+    self._best = _manager(root / BEST_DIR, read_only=False, max_to_keep=1,
+                          best_metric=best_metric, best_mode=best_mode, async_save=async_save)
+    try:
+      self._best_record = self._check_stored(tuple(resume_ignore_keys))
+    except Exception:
+      self.close()
+      raise
+    # A workdir that already holds a latest checkpoint must be resumed before anything is saved.
+    self._may_save = self._latest.latest_step() is None
+
+  def _check_stored(self, ignore: tuple[str, ...]) -> Optional[dict[str, Any]]:
+    """Compares the stored configs with this run's; returns the stored best record."""
+    best_record = None
+    for manager in (self._latest, self._best):
+      for step in manager.all_steps()[-1:]:
+        meta = _read_meta(manager, step)
+        differences = config_differences(meta["config"], self._config, ignore)
+        if differences:
+          raise IncompatibleCheckpointError(
+              f"{manager.directory} holds step {step} written with a different config; "
+              f"differing keys: {'; '.join(differences)}. Use a new workdir, or list keys that "
+              f"may change on resume in resume_ignore_keys")
+        if manager is self._best:
+          best_record = meta["best"]
+    if best_record is not None and (best_record["metric"], best_record["mode"]) != (
+        self._best_metric, self._best_mode):
+      raise IncompatibleCheckpointError(
+          f"{self._best.directory} ranks by {best_record['mode']} {best_record['metric']}, "
+          f"this run by {self._best_mode} {self._best_metric}")
+    return best_record
+
+  @property
+  def latest_step(self) -> Optional[int]:
+    return self._latest.latest_step()
+
+  @property
+  def best(self) -> Optional[Mapping[str, Any]]:
+    """``{"metric", "mode", "value", "step"}`` of the best evaluation so far, or None."""
+    return None if self._best_record is None else dict(self._best_record)
+
+  def should_save(self, step: int) -> bool:
+    """True every ``save_every_steps`` steps and when a preemption notice has arrived."""
+    return step % self._save_every == 0 or self._latest.reached_preemption(step)
+
+  def restore_latest(self, abstract_state: PyTree) -> Optional[Restored]:
+    """The latest train state onto the shardings of ``abstract_state``; None if there is none.
+
+    After this call the run may save again (its next step must exceed the restored one).
+    """
+    restored = _restore_latest_from(self._latest, abstract_state)
+    self._may_save = True
+    return restored
+
+  def _require_resumed(self):
+    if not self._may_save:
+      raise RuntimeError(
+          f"{self._latest.directory} holds checkpoints up to step {self.latest_step}; call "
+          f"restore_latest() to resume them, or use a new workdir")
+
+  def _meta(self, step: int, **extra: Any) -> dict[str, Any]:
+    return {"format": _FORMAT_VERSION, "step": step, "config": self._config,
+            "best": self._best_record, **extra}
+
+  def save_latest(self, step: int, state: PyTree, *, data_state: DataState = None,
+                  rng: Optional[jax.Array] = None):
+    """Saves the train state, the data-iterator state (JSON-able or bytes) and the RNG key.
+
+    Raises:
+      NonFiniteStateError: the state holds NaN/inf (nothing is written).
+      ValueError: ``step`` is not after the latest saved step.
+    """
+    self._require_resumed()
+    latest = self.latest_step
+    if latest is not None and step <= latest:
+      raise ValueError(f"step {step} is not after the latest checkpoint (step {latest}) in "
+                       f"{self._latest.directory}; refusing to overwrite it")
+    _check_finite(step, state, "the train state")
+    self._latest.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=_DataStateSave(_encode_data_state(data_state)),
+        meta=ocp.args.JsonSave(self._meta(step, rng=_encode_rng(rng)))))
+
+  def save_best(self, step: int, params: PyTree, metrics: Mapping[str, Any]) -> bool:
+    """Saves ``params`` if ``metrics[best_metric]`` beats the best so far; returns whether it did.
+
+    A NaN metric never counts as better.
+    """
+    if self._best_metric not in metrics:
+      raise KeyError(f"best_metric {self._best_metric!r} is not among the metrics "
+                     f"{sorted(metrics)}")
+    value = float(metrics[self._best_metric])
+    if not math.isfinite(value):
+      logging.warning("step %d: %s = %s is not finite; best checkpoint unchanged", step,
+                      self._best_metric, value)
+      return False
+    if self._best_record is not None:
+      sign = 1.0 if self._best_mode == "max" else -1.0
+      if sign * value <= sign * self._best_record["value"]:
+        return False
+    self._require_resumed()
+    _check_finite(step, params, "best params")
+    if step in self._best.all_steps():
+      # Only after a resume that replays steps whose evaluation was already saved.
+      logging.warning("replacing the best checkpoint of step %d (%s = %s) with %s = %s", step,
+                      self._best_metric, self._best_record["value"], self._best_metric, value)
+      self._best.wait_until_finished()
+      self._best.delete(step)
+    self._best_record = {"metric": self._best_metric, "mode": self._best_mode,
+                         "value": value, "step": step}
+    summary = {key: float(v) for key, v in metrics.items() if np.ndim(v) == 0}
+    self._best.save(step, force=True, metrics={self._best_metric: value},
+                    args=ocp.args.Composite(
+                        params=ocp.args.StandardSave(params),
+                        meta=ocp.args.JsonSave(self._meta(step, metrics=summary))))
+    return True
+
+  def wait_until_finished(self):
+    """Blocks until pending asynchronous writes are on disk."""
+    self._latest.wait_until_finished()
+    self._best.wait_until_finished()
+
+  def close(self):
+    self._latest.close()
+    self._best.close()
+
+  def __enter__(self) -> "TrainCheckpointer":
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()

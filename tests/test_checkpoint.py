@@ -1,0 +1,250 @@
+"""TrainCheckpointer: round trips, retention, best tracking, killed saves, resume rules, meshes."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from shapca_jax import checkpoint
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = {"lr": 1e-3, "model": {"heads": 2, "fusion": "adaptive"}, "log_every": 10}
+
+
+def _state(seed=0):
+  """A TrainState after one AdamW update, so the optimizer moments are not trivial."""
+  model = nn.Dense(3)
+  params = model.init(jax.random.key(seed), jnp.ones((1, 4)))["params"]
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                        tx=optax.adamw(1e-2))
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5 + seed), params)
+  return state.apply_gradients(grads=grads)
+
+
+def _assert_trees_equal(actual, expected):
+  """Same leaf paths and values (paths, not treedefs: a TrainState's apply_fn is static)."""
+  actual, expected = (jax.tree_util.tree_leaves_with_path(t) for t in (actual, expected))
+  assert [path for path, _ in actual] == [path for path, _ in expected]
+  for (path, a), (_, e) in zip(actual, expected):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(e), err_msg=jax.tree_util.keystr(path))
+
+
+def _steps_on_disk(workdir, kind="latest"):
+  """Finished step folders, read from the file system rather than through Orbax."""
+  folder = pathlib.Path(workdir) / "checkpoints" / kind
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def _open(workdir, config=CONFIG, **kwargs):
+  kwargs.setdefault("save_every_steps", 2)
+  return checkpoint.TrainCheckpointer(workdir, config, **kwargs)
+
+
+def test_round_trip_of_state_data_and_rng(tmp_path):
+  state, rng = _state(), jax.random.fold_in(jax.random.key(7), 3)
+  data_state = {"next_index": 17, "epoch": 1, "shuffle": [3, 1, 2]}
+  with _open(tmp_path) as ckpt:
+    assert ckpt.restore_latest(jax.eval_shape(lambda: state)) is None
+    ckpt.save_latest(4, state, data_state=data_state, rng=rng)
+
+  abstract = jax.eval_shape(_state)
+  for restore in (lambda: _open(tmp_path).restore_latest(abstract),
+                  lambda: checkpoint.restore_latest(tmp_path, abstract)):
+    restored = restore()
+    assert restored.step == 4
+    _assert_trees_equal(restored.state, state)
+    assert int(restored.state.step) == 1
+    assert restored.data_state == data_state
+    np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(rng))
+    np.testing.assert_array_equal(jax.random.normal(restored.rng, (3,)),
+                                  jax.random.normal(rng, (3,)))
+    assert restored.metadata["config"]["model.heads"] == 2
+
+
+def test_raw_uint32_key_and_bytes_data_state(tmp_path):
+  params = {"w": jnp.arange(6.0).reshape(2, 3)}
+  with _open(tmp_path) as ckpt:
+    ckpt.save_latest(2, params, data_state=b'{"pos": 5}\x00\xff', rng=jax.random.PRNGKey(3))
+  restored = checkpoint.restore_latest(tmp_path, params)
+  assert restored.data_state == b'{"pos": 5}\x00\xff'
+  assert restored.rng.dtype == jnp.uint32
+  np.testing.assert_array_equal(restored.rng, jax.random.PRNGKey(3))
+
+
+def test_keeps_the_last_few_and_saves_on_the_interval(tmp_path):
+  with _open(tmp_path, save_every_steps=3, keep_latest=2) as ckpt:
+    assert [s for s in range(1, 10) if ckpt.should_save(s)] == [3, 6, 9]
+    for step in (3, 6, 9):
+      ckpt.save_latest(step, {"w": jnp.full((2,), float(step))})
+  assert _steps_on_disk(tmp_path) == [6, 9]
+  restored = checkpoint.restore_latest(tmp_path, {"w": jnp.zeros((2,))})
+  assert restored.step == 9
+  np.testing.assert_array_equal(restored.state["w"], [9.0, 9.0])
+
+
+def test_best_is_kept_apart_and_survives_reopening(tmp_path):
+  params_at = lambda step: {"w": jnp.full((3,), float(step))}
+  f1_at = {10: 0.40, 20: 0.55, 30: 0.50, 40: float("nan"), 50: 0.55}
+  with _open(tmp_path) as ckpt:
+    saved = {step: ckpt.save_best(step, params_at(step), {"f1": f1, "precision": 0.1})
+             for step, f1 in f1_at.items()}
+    assert saved == {10: True, 20: True, 30: False, 40: False, 50: False}
+    assert ckpt.best == {"metric": "f1", "mode": "max", "value": 0.55, "step": 20}
+    ckpt.save_latest(50, params_at(50))
+  assert _steps_on_disk(tmp_path, "best") == [20]
+  np.testing.assert_array_equal(checkpoint.restore_best(tmp_path, params_at(0))["w"], [20.0] * 3)
+  # The latest checkpoint records the best so far; a reopened run keeps ranking against it.
+  assert checkpoint.restore_latest(tmp_path, params_at(0)).metadata["best"]["step"] == 20
+  with _open(tmp_path) as ckpt:
+    ckpt.restore_latest(params_at(0))
+    assert ckpt.best["value"] == 0.55
+    assert not ckpt.save_best(60, params_at(60), {"f1": 0.54})
+    assert ckpt.save_best(70, params_at(70), {"f1": 0.56})
+  assert _steps_on_disk(tmp_path, "best") == [70]
+  with pytest.raises(KeyError, match="'f1' is not among the metrics"):
+    _open(tmp_path / "other").save_best(1, params_at(1), {"accuracy": 1.0})
+
+
+def test_best_in_min_mode(tmp_path):
+  with _open(tmp_path, best_metric="loss", best_mode="min") as ckpt:
+    for step, loss in ((1, 2.0), (2, 1.0), (3, 1.5)):
+      ckpt.save_best(step, {"w": jnp.full((1,), float(step))}, {"loss": loss})
+  np.testing.assert_array_equal(checkpoint.restore_best(tmp_path, {"w": jnp.zeros(1)})["w"], [2.0])
+  with pytest.raises(checkpoint.IncompatibleCheckpointError, match="ranks by min loss"):
+    _open(tmp_path)
+
+
+_KILLED_SAVE = """
+import os, signal, sys
+import jax.numpy as jnp
+from shapca_jax import checkpoint
+ckpt = checkpoint.TrainCheckpointer(sys.argv[1], {"lr": 0.1}, save_every_steps=1)
+ckpt.restore_latest({"w": jnp.zeros((2048, 2048))})
+ckpt.save_latest(1, {"w": jnp.ones((2048, 2048))}, data_state={"pos": 1})
+ckpt.wait_until_finished()
+ckpt.save_latest(2, {"w": jnp.full((2048, 2048), 2.0)}, data_state={"pos": 2})
+os.kill(os.getpid(), signal.SIGKILL)  # while the 16 MB of step 2 are being written
+"""
+
+
+def _run_python(source, *args, device_count=1):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}")
+  return subprocess.run([sys.executable, "-c", textwrap.dedent(source), *map(str, args)],
+                        env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_killed_save_leaves_the_previous_checkpoint_usable(tmp_path):
+  result = _run_python(_KILLED_SAVE, tmp_path)
+  assert result.returncode == -9, result.stderr[-2000:]
+  latest_dir = tmp_path / "checkpoints" / "latest"
+  assert [p.name for p in latest_dir.glob("2.orbax-checkpoint-tmp*")], os.listdir(latest_dir)
+  assert _steps_on_disk(tmp_path) == [1]
+
+  abstract = {"w": jax.ShapeDtypeStruct((2048, 2048), jnp.float32)}
+  with checkpoint.TrainCheckpointer(tmp_path, {"lr": 0.1}, save_every_steps=1) as ckpt:
+    restored = ckpt.restore_latest(abstract)
+    assert (restored.step, restored.data_state) == (1, {"pos": 1})
+    np.testing.assert_array_equal(restored.state["w"], 1.0)
+    ckpt.save_latest(2, {"w": jnp.full((2048, 2048), 3.0)}, data_state={"pos": 2})
+  assert not list(latest_dir.glob("*tmp*"))
+  assert checkpoint.restore_latest(tmp_path, abstract).state["w"][0, 0] == 3.0
+
+
+def test_incompatible_config_names_the_keys(tmp_path):
+  with _open(tmp_path) as ckpt:
+    ckpt.save_latest(2, {"w": jnp.ones(2)})
+  changed = {"lr": 3e-5, "model": {"heads": 4, "fusion": "adaptive"}, "log_every": 50,
+             "seed": 1}
+  with pytest.raises(checkpoint.IncompatibleCheckpointError) as error:
+    _open(tmp_path, config=changed)
+  message = str(error.value)
+  for key in ("lr (checkpoint 0.001, now 3e-05)", "model.heads (checkpoint 2, now 4)",
+              "log_every", "seed (not in the checkpoint"):
+    assert key in message
+  assert "model.fusion" not in message
+  # Listed keys may change; an ml_collections ConfigDict flattens like the dict it holds.
+  with _open(tmp_path, config=ml_collections.ConfigDict(dict(CONFIG, log_every=50)),
+             resume_ignore_keys=["log_*"]) as ckpt:
+    assert ckpt.restore_latest({"w": jnp.zeros(2)}).step == 2
+
+
+def test_nothing_is_silently_overwritten(tmp_path):
+  with _open(tmp_path) as ckpt:
+    ckpt.save_latest(4, {"w": jnp.ones(2)})
+  with _open(tmp_path) as ckpt:
+    with pytest.raises(RuntimeError, match="call restore_latest"):
+      ckpt.save_latest(6, {"w": jnp.zeros(2)})
+    with pytest.raises(RuntimeError, match="call restore_latest"):
+      ckpt.save_best(6, {"w": jnp.zeros(2)}, {"f1": 1.0})
+    ckpt.restore_latest({"w": jnp.zeros(2)})
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+      ckpt.save_latest(4, {"w": jnp.zeros(2)})
+  np.testing.assert_array_equal(checkpoint.restore_latest(tmp_path, {"w": jnp.zeros(2)}).state["w"],
+                                [1.0, 1.0])
+
+
+def test_non_finite_state_is_refused(tmp_path):
+  with _open(tmp_path) as ckpt:
+    ckpt.save_latest(2, {"w": jnp.ones(2), "step": jnp.int32(2)})
+    with pytest.raises(checkpoint.NonFiniteStateError, match=r"step 4: NaN/inf in \['w'\]"):
+      ckpt.save_latest(4, {"w": jnp.array([1.0, jnp.nan]), "step": jnp.int32(4)})
+    with pytest.raises(checkpoint.NonFiniteStateError, match="best params"):
+      ckpt.save_best(4, {"w": jnp.array([jnp.inf])}, {"f1": 0.9})
+  assert _steps_on_disk(tmp_path) == [2]
+  assert _steps_on_disk(tmp_path, "best") == []
+
+
+def test_data_state_from_another_process_count_is_an_error(tmp_path):
+  with _open(tmp_path) as ckpt:
+    ckpt.save_latest(2, {"w": jnp.ones(2)}, data_state={"pos": 1})
+  data_dir = tmp_path / "checkpoints" / "latest" / "2" / "data"
+  (data_dir / "process_0-of-1.json").rename(data_dir / "process_0-of-2.json")
+  with pytest.raises(ValueError, match="different number of processes"):
+    checkpoint.restore_latest(tmp_path, {"w": jnp.zeros(2)})
+
+
+_ON_FOUR_DEVICES = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from shapca_jax import checkpoint
+assert jax.device_count() == 4
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+shardings = {"w": NamedSharding(mesh, P("data", None)), "b": NamedSharding(mesh, P())}
+abstract = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=shardings[k])
+            for k, s in (("w", (8, 3)), ("b", (3,)))}
+with checkpoint.TrainCheckpointer(sys.argv[1], {"lr": 0.1}, save_every_steps=1) as ckpt:
+  restored = ckpt.restore_latest(abstract)
+  assert restored.step == 1
+  assert restored.state["w"].sharding == shardings["w"]
+  assert len({s.device for s in restored.state["w"].addressable_shards}) == 4
+  np.testing.assert_array_equal(restored.state["w"], np.arange(24.0).reshape(8, 3))
+  ckpt.save_latest(2, jax.tree.map(lambda x: x * 10, restored.state))
+print("ok")
+"""
+
+
+def test_restores_across_meshes(tmp_path):
+  state = {"w": jnp.arange(24.0).reshape(8, 3), "b": jnp.ones(3)}
+  with checkpoint.TrainCheckpointer(tmp_path, {"lr": 0.1}, save_every_steps=1) as ckpt:
+    ckpt.save_latest(1, state)
+  result = _run_python(_ON_FOUR_DEVICES, tmp_path, device_count=4)  # 1 device -> 4
+  assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+  single = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # 4 devices -> 1
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single),
+                          state)
+  restored = checkpoint.restore_latest(tmp_path, abstract)
+  assert restored.step == 2 and restored.state["w"].sharding == single
+  _assert_trees_equal(restored.state, jax.tree.map(lambda x: x * 10, state))
