@@ -56,7 +56,7 @@ class AdaptiveFusion(nn.Module):
                     kernel_init=self.kernel_init, name=name)
 
   def _bridge_gate(self, x: jax.Array, bridge: jax.Array, name: str) -> jax.Array:
-    """g ⊙ x + (1 − g) ⊙ b with g = σ(W_g [x; b]); ``bridge`` is [B, H], broadcast over x's rows."""
+    """g ⊙ x + (1 − g) ⊙ b with g = σ(W_g [x; b]); the [B, H] bridge is broadcast over x's rows."""
     bridge = jnp.broadcast_to(bridge[:, None, :], x.shape)
     gate = nn.sigmoid(self._dense(x.shape[-1], name)(jnp.concatenate([x, bridge], axis=-1)))
     return gate * x + (1.0 - gate) * bridge
