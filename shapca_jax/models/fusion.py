@@ -31,6 +31,27 @@ import jax.numpy as jnp
 FUSION_MODES = ("adaptive", "plain")
 
 
+class _BridgeGate(nn.Module):
+  """g ⊙ x + (1 − g) ⊙ b with g = σ(W [x; b] + c), b a [B, H] bridge broadcast over x's rows.
+
+  W [x; b] is computed as x W_x + b W_b, so the bridge half is one product per example rather
+  than per row; the parameters are those of a Dense layer on the concatenation.
+  """
+  dtype: Any
+  param_dtype: Any
+  kernel_init: nn.initializers.Initializer
+
+  @nn.compact
+  def __call__(self, x: jax.Array, bridge: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (2 * features, features), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (features,), self.param_dtype)
+    x, bridge, kernel, bias = nn.dtypes.promote_dtype(x, bridge, kernel, bias, dtype=self.dtype)
+    per_example = bridge @ kernel[features:] + bias
+    gate = nn.sigmoid(x @ kernel[:features] + per_example[:, None, :])
+    return gate * x + (1.0 - gate) * bridge[:, None, :]
+
+
 class AdaptiveFusion(nn.Module):
   """Text-query / image-key cross-attention, optionally gated by a context bridge.
 
@@ -54,12 +75,6 @@ class AdaptiveFusion(nn.Module):
   def _dense(self, features: int, name: str) -> nn.Dense:
     return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=self.kernel_init, name=name)
-
-  def _bridge_gate(self, x: jax.Array, bridge: jax.Array, name: str) -> jax.Array:
-    """g ⊙ x + (1 − g) ⊙ b with g = σ(W_g [x; b]); the [B, H] bridge is broadcast over x's rows."""
-    bridge = jnp.broadcast_to(bridge[:, None, :], x.shape)
-    gate = nn.sigmoid(self._dense(x.shape[-1], name)(jnp.concatenate([x, bridge], axis=-1)))
-    return gate * x + (1.0 - gate) * bridge
 
   @nn.compact
   def __call__(self, text_states: jax.Array, image_states: jax.Array,
@@ -106,8 +121,9 @@ class AdaptiveFusion(nn.Module):
         shape = None if context_vec is None else context_vec.shape
         raise ValueError(f"adaptive fusion needs context_vec [B={batch}, Hc], got {shape}")
       bridge = self._dense(hidden, "bridge")(context_vec)
-      query = self._bridge_gate(query, bridge, "gate_q")
-      key = self._bridge_gate(key, bridge, "gate_k")
+      gate = lambda name: _BridgeGate(self.dtype, self.param_dtype, self.kernel_init, name=name)
+      query = gate("gate_q")(query, bridge)
+      key = gate("gate_k")(key, bridge)
 
     head_dim = hidden // self.num_heads
     split = lambda x: x.reshape(*x.shape[:2], self.num_heads, head_dim)
