@@ -1,0 +1,51 @@
+"""validate_config: unknown keys and impossible values fail before any work, naming the key."""
+
+import pytest
+
+from shapca_jax.config import ConfigError, default_config, validate_config
+
+
+def _valid():
+  config = default_config()
+  config.data_dir = "data"
+  return config
+
+
+def test_defaults_with_a_data_dir_are_valid():
+  validate_config(_valid())
+
+
+@pytest.mark.parametrize("key, value, pattern", [
+    ("learning_rate.encoder", -1e-3, "learning_rate.encoder"),
+    ("align.num_permutations", 0, "align.num_permutations"),
+    ("batch_size", 1, "batch_size"),
+    ("align.kind", "cosine", "align.kind"),
+    ("warmup_ratio", 1.0, "warmup_ratio"),
+    ("fusion.mode", "gated", "fusion.mode"),
+    ("align.directions", "context_image", "use_image"),
+    ("use_image", True, "image_encoder"),
+    ("data_dir", "", "data_dir"),
+])
+def test_impossible_values_name_the_key(key, value, pattern):
+  config = _valid()
+  section, _, leaf = key.rpartition(".")
+  (config[section] if section else config)[leaf] = value
+  with pytest.raises(ConfigError, match=pattern):
+    validate_config(config)
+
+
+def test_unknown_key_is_named():
+  config = _valid()
+  config.unlock()
+  config.align.lamda_ct = 0.3
+  with pytest.raises(ConfigError, match="align.lamda_ct"):
+    validate_config(config)
+
+
+def test_alignment_needs_contexts():
+  config = _valid()
+  config.use_context = False
+  with pytest.raises(ConfigError, match="use_context"):
+    validate_config(config)
+  config.align.kind = "none"
+  validate_config(config)
