@@ -35,6 +35,12 @@ def test_mnre_contexts_are_the_file_texts(shared_data_dir, mnre_splits):
   assert [e.context for e in joined] == [texts[e.image_id] for e in joined]
 
 
+def test_a_subset_of_a_split_joins_against_the_whole_split(shared_data_dir, mnre_splits):
+  joined, report = contexts.attach_contexts(mnre_splits["valid"][:10], "mnre", "valid",
+                                            shared_data_dir, "BLIP")
+  assert report.examples == 10 and all(e.context is not None for e in joined)
+
+
 def test_jmere_joins_mnre_contexts(shared_data_dir):
   examples = readers.read_split("jmere", "valid", shared_data_dir)
   _, report = contexts.attach_contexts(examples, "jmere", "valid", shared_data_dir, "BLIP")

@@ -1,4 +1,4 @@
-"""Readers: the published counts of the real files, and a clear error for every kind of bad input."""
+"""Readers: the published counts of the real files, and a clear error for each kind of bad input."""
 
 import ast
 import json
@@ -16,7 +16,8 @@ from shapca_jax.data.labels import Quintuple, Span
 PUBLISHED = {
     ("twitter2017", "train"): (3373, 6049), ("twitter2017", "valid"): (723, 1324),
     ("twitter2017", "test"): (723, 1351),
-    ("mnre", "train"): (12247, None), ("mnre", "valid"): (1624, None), ("mnre", "test"): (1614, None),
+    ("mnre", "train"): (12247, None), ("mnre", "valid"): (1624, None),
+    ("mnre", "test"): (1614, None),
     ("jmere", "train"): (3618, 4503), ("jmere", "valid"): (496, 624), ("jmere", "test"): (475, 640),
     ("twitter2015", "train"): (4000, None), ("twitter2015", "valid"): (1000, None),
 }
@@ -114,7 +115,8 @@ BAD_INPUT = {
     "MNRE line not a dict": ("mnre", MNRE_LINE + "\n{'token': ['x'\n",
                              r"{path}:2: expected a Python dict literal"),
     "MNRE unknown relation": ("mnre", MNRE_LINE.replace("/per/per/peer", "/per/per/friend"),
-                              r"{path}:1: unknown relation '/per/per/friend'; expected one of None"),
+                              r"{path}:1: unknown relation '/per/per/friend'; "
+                              r"expected one of None"),
     "MNRE span outside": ("mnre", MNRE_LINE.replace("[2, 3]", "[4, 6]"),
                           r"{path}:1: 't': span \[4, 6\] is outside the sentence of 5 words"),
     "MNRE span not the name": ("mnre", MNRE_LINE.replace("[2, 3]", "[1, 2]"),

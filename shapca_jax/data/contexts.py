@@ -13,6 +13,7 @@ get no context and are counted in the returned report and logged.
 
 import ast
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -228,7 +229,7 @@ def attach_contexts(
     dropped = 0
   else:
     table, dropped = _table(entries, path, spec.placeholders)
-    _check_all_matched(table, _owner_keys(spec, data_dir, split, examples, dataset), path)
+    _check_all_matched(table, _owner_keys(spec, data_dir, split), path)
     texts = [table.get(image_key(e.image_id)) for e in examples]
   missing = [e for e, t in zip(examples, texts) if t is None]
   if missing and missing_context == "error":
@@ -262,18 +263,24 @@ def _table(entries: list[ContextEntry], path, placeholders: frozenset[str]):
   return table, dropped
 
 
-def _owner_keys(spec: ContextSource, data_dir, split: str, examples: Sequence[Example],
-                dataset: str) -> set[str]:
-  """Image keys of the data set the file was written for: the split (one file per split) or
-  every split (one file for all)."""
-  if spec.owner == dataset and spec.per_split:
-    owned = examples
-  elif spec.per_split:
-    owned = readers.read_split(spec.owner, split, data_dir)
-  else:
-    owned = [e for s in readers.available_splits(spec.owner, data_dir)
-             for e in (examples if s == split else readers.read_split(spec.owner, s, data_dir))]
-  return {image_key(e.image_id) for e in owned}
+def _owner_keys(spec: ContextSource, data_dir, split: str) -> set[str]:
+  """Image keys of the data set the file was written for: of the split (one file per split) or
+  of every split (one file for all). Read from the split files, since the examples being joined
+  may be a subset."""
+  splits = [split] if spec.per_split else readers.available_splits(spec.owner, data_dir)
+  keys = set()
+  for s in splits:
+    path = readers.split_path(spec.owner, s, data_dir)
+    version = path.stat().st_mtime_ns if path.is_file() else -1  # read_split names a missing file
+    keys |= _split_image_keys(spec.owner, s, str(data_dir), version)
+  return keys
+
+
+@functools.lru_cache(maxsize=16)
+def _split_image_keys(dataset: str, split: str, data_dir: str, mtime_ns: int) -> frozenset[str]:
+  """Cached per file version (`mtime_ns`): joining several sources re-reads no split file."""
+  del mtime_ns
+  return frozenset(image_key(e.image_id) for e in readers.read_split(dataset, split, data_dir))
 
 
 def _check_all_matched(table: dict[str, str], keys: set[str], path) -> None:
