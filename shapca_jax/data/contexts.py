@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from shapca_jax.data import readers
-from shapca_jax.data.errors import DataFormatError, count_crlf, read_lines, where
+from shapca_jax.data.errors import DataFormatError, blocks, count_crlf, read_lines, where
 from shapca_jax.data.readers import Example
 
 TWITTER_SOURCES = ("blip2", "pgim")
@@ -148,14 +148,7 @@ def read_pgim_file(path: pathlib.Path) -> list[ContextEntry]:
   `word<TAB>X` per line; a blank line between tweets. Keys are the tweets' words."""
   lines = read_lines(path)
   entries = []
-  start = 0
-  while start < len(lines):
-    if not lines[start].strip():
-      start += 1
-      continue
-    end = start
-    while end < len(lines) and lines[end].strip():
-      end += 1
+  for start, end in blocks(lines):
     fields = [lines[i].split("\t") for i in range(start, end)]
     for i, f in enumerate(fields):
       if len(f) != 2 or not f[0]:
@@ -167,7 +160,6 @@ def read_pgim_file(path: pathlib.Path) -> list[ContextEntry]:
                             f"the tweet and its text (block ends at line {end})")
     words = tuple(f[0] for f in fields[:eos])
     entries.append(ContextEntry(words, " ".join(f[0] for f in fields[eos + 1:]), start + 1))
-    start = end
   return entries
 
 

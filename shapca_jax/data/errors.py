@@ -1,7 +1,9 @@
-"""Errors for bad input files, and reading files so that failures name the file and line."""
+"""The error raised for bad input files, and reading raw text files so that every failure names
+the file and the line."""
 
 import os
 import pathlib
+from collections.abc import Iterator
 
 
 class DataFormatError(ValueError):
@@ -41,3 +43,17 @@ def read_lines(path: os.PathLike | str) -> list[str]:
 def count_crlf(path: os.PathLike | str) -> int:
   """How many lines of a (readable) file end in CRLF; reported, since some sources use it."""
   return pathlib.Path(path).read_bytes().count(b"\r\n")
+
+
+def blocks(lines: list[str]) -> Iterator[tuple[int, int]]:
+  """`[start, end)` line ranges of the blank-line separated blocks (CoNLL tweets, PGIM entries)."""
+  start = 0
+  while start < len(lines):
+    if not lines[start].strip():
+      start += 1
+      continue
+    end = start
+    while end < len(lines) and lines[end].strip():
+      end += 1
+    yield start, end
+    start = end

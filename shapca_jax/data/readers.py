@@ -13,7 +13,7 @@ import pathlib
 from collections.abc import Callable, Sequence
 
 from shapca_jax.data import labels
-from shapca_jax.data.errors import DataFormatError, read_lines, where
+from shapca_jax.data.errors import DataFormatError, blocks, read_lines, where
 from shapca_jax.data.labels import Quintuple, Span
 
 DATASETS = ("twitter2015", "twitter2017", "mnre", "jmere")
@@ -110,18 +110,7 @@ def _check_choice(kind: str, value: str, choices: Sequence[str]) -> None:
 def read_conll(path: os.PathLike | str) -> list[Example]:
   """Twitter CoNLL: `IMGID:<id>`, then `token<TAB>tag` lines, a blank line between tweets."""
   lines = read_lines(path)
-  examples = []
-  start = 0
-  while start < len(lines):
-    if not lines[start].strip():
-      start += 1
-      continue
-    end = start
-    while end < len(lines) and lines[end].strip():
-      end += 1
-    examples.append(_conll_tweet(path, lines, start, end))
-    start = end
-  return examples
+  return [_conll_tweet(path, lines, start, end) for start, end in blocks(lines)]
 
 
 def _conll_tweet(path, lines: list[str], start: int, end: int) -> Example:
