@@ -24,7 +24,6 @@ class Quintuple(NamedTuple):
 
 
 MNER_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC")
-MNER_TYPES = ("PER", "LOC", "ORG", "MISC")
 
 # Twitter-2015 spells the MISC type `OTHER`.
 MNER_TYPE_ALIASES = {"OTHER": "MISC"}
