@@ -103,13 +103,12 @@ def to_record(example: Example, index: int) -> dict:
 
 def from_record(record: dict, task: str) -> Example:
   """A record read back by `tfds.data_source` as an example (class labels -> names)."""
-  text = _text
   fields = {}
   if task == "mner":
     fields["tags"] = tuple(labels.MNER_LABELS[t] for t in record["tags"])
   elif task == "mre":
     fields["head"], fields["tail"] = (
-        Span(int(record[k]["start"]), int(record[k]["end"]), text(record[k]["label"]))
+        Span(int(record[k]["start"]), int(record[k]["end"]), _text(record[k]["label"]))
         for k in ("head", "tail"))
     fields["relation"] = labels.MNRE_RELATIONS[record["relation"]]
   else:
@@ -119,9 +118,9 @@ def from_record(record: dict, task: str) -> Example:
              for k in ("head", "tail")}
     fields["quintuples"] = tuple(Quintuple(h, t, labels.JMERE_RELATIONS[r])
                                  for h, t, r in zip(spans["head"], spans["tail"], q["relation"]))
-  return Example(image_id=text(record["image_id"]), words=tuple(text(w) for w in record["words"]),
-                 source=text(record["source"]), image_path=text(record["image_path"]),
-                 context=text(record["context"]) if record["has_context"] else None, **fields)
+  return Example(image_id=_text(record["image_id"]), words=tuple(_text(w) for w in record["words"]),
+                 source=_text(record["source"]), image_path=_text(record["image_path"]),
+                 context=_text(record["context"]) if record["has_context"] else None, **fields)
 
 
 def _text(value) -> str:
