@@ -25,7 +25,7 @@ setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
 run: setup
-	$(PY) -m shapca_jax.data inspect twitter2017 --data_dir data
+	$(PY) experiments/train_twitter17.py --workdir workdirs/twitter17
 
 test: setup-test
 	$(PY) -m pytest -n 2 tests

@@ -1,0 +1,26 @@
+"""Trains and evaluates Shap-CA on Twitter-2017; the config file's docstring has the details.
+
+  python experiments/train_twitter17.py --workdir workdirs/twitter17 [--config.KEY=VALUE ...]
+"""
+
+import pathlib
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import runner
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(pathlib.Path(__file__).parent / "configs" / "twitter17.py"),
+    "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/twitter17", "Checkpoints and results go here.")
+
+
+def main(argv):
+  del argv
+  runner.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
