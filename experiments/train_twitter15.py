@@ -9,7 +9,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import runner
+from shapca_jax import launch
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(pathlib.Path(__file__).parent / "configs" / "twitter15.py"),
@@ -19,7 +19,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/twitter15", "Checkpoints and
 
 def main(argv):
   del argv
-  runner.run(_CONFIG.value, _WORKDIR.value)
+  launch.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

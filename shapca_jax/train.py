@@ -238,6 +238,29 @@ def _traced_at_most(n: int, fn: Callable) -> Callable:
   return traced
 
 
+class _StepTimer:
+  """Training steps per second, with compilation and evaluation left out."""
+
+  def __init__(self):
+    self.steps, self._elapsed, self._since = 0, 0.0, None
+
+  def start(self):
+    self._since = time.perf_counter()
+
+  def pause(self):
+    if self._since is not None:
+      self._elapsed += time.perf_counter() - self._since
+      self._since = None
+
+  def resume(self):
+    if self.steps or self._elapsed:
+      self.start()
+
+  def rate(self) -> float:
+    elapsed = self._elapsed + (time.perf_counter() - self._since if self._since else 0.0)
+    return self.steps / elapsed if elapsed > 0 else 0.0
+
+
 def _host_metrics(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple[int, dict]]:
   """Fetches the metrics of the steps since the last log step in one transfer."""
   fetched = jax.device_get([m for _, m in pending])
@@ -305,11 +328,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     pending: list[tuple[int, dict]] = []
     bar = tqdm.tqdm(total=total_steps, initial=first_step, disable=not config.progress_bar,
                     desc="train", unit="step", dynamic_ncols=True)
-    train_start, timed_steps = time.time(), 0
+    timer = _StepTimer()
     for step in range(first_step + 1, total_steps + 1):
       state, step_metrics = step_fn(state, next(iterator), train_rng)
       pending.append((step, step_metrics))
-      timed_steps += 1
+      if step == first_step + 1:  # the first step compiles: leave it out of the rate
+        jax.block_until_ready(step_metrics)
+        timer.start()
+      else:
+        timer.steps += 1
       bar.update(1)
       is_eval = step % steps_per_epoch == 0 or step == total_steps
       if step % config.log_every_steps == 0 or is_eval or ckpt.should_save(step):
@@ -318,20 +345,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         _check_finite(logged, last_saved)
         for s, values in logged:
           _append_jsonl(metrics_log, {"step": s, **values})
-        rate = timed_steps / max(time.time() - train_start, 1e-9)
-        bar.set_postfix(loss=f"{logged[-1][1]['loss']:.4f}", steps_per_s=f"{rate:.2f}")
+        bar.set_postfix(loss=f"{logged[-1][1]['loss']:.4f}", steps_per_s=f"{timer.rate():.2f}")
       if ckpt.should_save(step) or step == total_steps:
         ckpt.save_latest(step, state, data_state=iterator.get_state(), rng=train_rng)
         last_saved = step
       if is_eval:
+        timer.pause()
         dev = evaluate(eval_fn, state, data.valid)
         _append_jsonl(metrics_log, {"step": step, "epoch": step / steps_per_epoch,
                                     "dev": _summary(dev)})
         ckpt.save_best(step, state.params, _summary(dev))
+        timer.resume()
         bar.write(f"step {step}: dev F1 {dev['f1']:.4f} (best {ckpt.best['value']:.4f} at step "
                   f"{ckpt.best['step']})")
     bar.close()
-    train_seconds = time.time() - train_start
     ckpt.wait_until_finished()
     best = ckpt.best
 
@@ -344,7 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       "dev": evaluate(eval_fn, best_state, data.valid),
       "test": evaluate(eval_fn, best_state, data.test),
       "steps": total_steps,
-      "steps_per_second": timed_steps / train_seconds if timed_steps else None,
+      "steps_per_second": timer.rate() if timer.steps else None,
       "wall_seconds": time.time() - start_time,
       "data": data.reports(),
       "config": config.to_dict(),

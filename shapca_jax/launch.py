@@ -1,8 +1,10 @@
-"""What every experiment entry point does around `train_and_evaluate`."""
+"""What every experiment entry point does around `train_and_evaluate`: start the JAX
+distributed runtime when launched as several processes, train, print a one-line summary."""
 
 import json
 import os
 
+from absl import logging as absl_logging
 import jax
 
 from shapca_jax.train import train_and_evaluate
@@ -21,6 +23,8 @@ def maybe_initialize_distributed() -> None:
 
 
 def run(config, workdir: str) -> dict:
+  # Orbax reports every checkpoint step at INFO; the progress bar already tells the story.
+  absl_logging.set_verbosity(absl_logging.WARNING)
   maybe_initialize_distributed()
   results = train_and_evaluate(config, workdir)
   summary = {split: {k: round(results[split][k], 4) for k in ("precision", "recall", "f1")}
