@@ -232,6 +232,11 @@ def _check_finite(step: int, tree: PyTree, what: str):
 # ------------------------------------------------------------------ managers
 
 
+def _checkpoints_dir(workdir: Union[str, epath.Path]) -> epath.Path:
+  """``workdir/checkpoints`` as an absolute path: Orbax refuses relative ones."""
+  return epath.Path(workdir).resolve() / "checkpoints"
+
+
 def _manager(directory: epath.Path, *, read_only: bool, max_to_keep: Optional[int] = None,
              best_metric: Optional[str] = None, best_mode: str = "max",
              async_save: bool = True) -> ocp.CheckpointManager:
@@ -270,7 +275,7 @@ def restore_latest(workdir: Union[str, epath.Path], abstract_state: PyTree) -> O
     abstract_state: the state's structure with shapes, dtypes and target shardings, e.g.
       ``jax.eval_shape(create_state, ...)`` with shardings set; concrete arrays also work.
   """
-  directory = epath.Path(workdir) / "checkpoints" / LATEST_DIR
+  directory = _checkpoints_dir(workdir) / LATEST_DIR
   if not directory.exists():
     return None
   manager = _manager(directory, read_only=True)
@@ -287,7 +292,7 @@ def _best_score(meta: Mapping[str, Any]) -> float:
 
 def restore_best(workdir: Union[str, epath.Path], abstract_params: PyTree) -> PyTree:
   """The params of the best evaluation in ``workdir``, on the shardings of ``abstract_params``."""
-  directory = epath.Path(workdir) / "checkpoints" / BEST_DIR
+  directory = _checkpoints_dir(workdir) / BEST_DIR
   if not directory.exists():
     raise FileNotFoundError(f"no best checkpoint under {directory}")
   manager = _manager(directory, read_only=True)
@@ -354,7 +359,7 @@ class TrainCheckpointer:
     self._save_every = save_every_steps
     self._best_metric = best_metric
     self._best_mode = best_mode
-    root = epath.Path(workdir) / "checkpoints"
+    root = _checkpoints_dir(workdir)
     self._latest = _manager(root / LATEST_DIR, read_only=False, max_to_keep=keep_latest,
                             async_save=async_save)
     self._best = _manager(root / BEST_DIR, read_only=False, max_to_keep=1,

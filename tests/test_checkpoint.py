@@ -248,3 +248,15 @@ def test_restores_across_meshes(tmp_path):
   restored = checkpoint.restore_latest(tmp_path, abstract)
   assert restored.step == 2 and restored.state["w"].sharding == single
   _assert_trees_equal(restored.state, jax.tree.map(lambda x: x * 10, state))
+
+
+def test_relative_workdir_is_resolved(tmp_path, monkeypatch):
+  # Orbax rejects relative checkpoint paths; a run started with `--workdir workdirs/x` must work.
+  monkeypatch.chdir(tmp_path)
+  state = {"w": jnp.arange(3.0)}
+  with checkpoint.TrainCheckpointer("relative_run", {"a": 1}, save_every_steps=1, async_save=False) as c:
+    c.save_latest(1, state)
+    assert c.save_best(1, state, {"f1": 0.5})
+  restored = checkpoint.restore_latest("relative_run", state)
+  np.testing.assert_array_equal(restored.state["w"], state["w"])
+  np.testing.assert_array_equal(checkpoint.restore_best("relative_run", state)["w"], state["w"])
