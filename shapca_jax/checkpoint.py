@@ -54,6 +54,10 @@ class IncompatibleCheckpointError(ValueError):
   """The workdir holds checkpoints written with a different config."""
 
 
+class CheckpointWriteError(RuntimeError):
+  """An asynchronous checkpoint write failed (Orbax only logs such failures)."""
+
+
 class NonFiniteStateError(ValueError):
   """The state to be saved holds NaN or infinite values."""
 
@@ -356,6 +360,7 @@ class TrainCheckpointer:
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     self._config = flatten_config(config)
+    self._requested: dict[Any, int] = {}  # manager directory -> step whose write is pending
     self._save_every = save_every_steps
     self._best_metric = best_metric
     self._best_mode = best_mode
@@ -439,10 +444,12 @@ class TrainCheckpointer:
       raise ValueError(f"step {step} is not after the latest checkpoint (step {latest}) in "
                        f"{self._latest.directory}; refusing to overwrite it")
     _check_finite(step, state, "the train state")
+    self._confirm_written(self._latest)
     self._latest.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=_DataStateSave(_encode_data_state(data_state)),
         meta=ocp.args.JsonSave(self._meta(step, rng=_encode_rng(rng)))))
+    self._requested[self._latest.directory] = step
 
   def save_best(self, step: int, params: PyTree, metrics: Mapping[str, Any]) -> bool:
     """Saves ``params`` if ``metrics[best_metric]`` beats the best so far; returns whether it did.
@@ -472,16 +479,30 @@ class TrainCheckpointer:
     self._best_record = {"metric": self._best_metric, "mode": self._best_mode,
                          "value": value, "step": step}
     summary = {key: float(v) for key, v in metrics.items() if np.ndim(v) == 0}
+    self._confirm_written(self._best)
     self._best.save(step, force=True, metrics={self._best_metric: value},
                     args=ocp.args.Composite(
                         params=ocp.args.StandardSave(params),
                         meta=ocp.args.JsonSave(self._meta(step, metrics=summary))))
+    self._requested[self._best.directory] = step
     return True
 
+  def _confirm_written(self, manager: ocp.CheckpointManager):
+    """Raises if the previous asynchronous save of ``manager`` did not reach the disk.
+
+    Orbax logs a failed background write and carries on, which would leave a run training
+    for hours with no checkpoint; the failure surfaces here, at the next save or at the end.
+    """
+    manager.wait_until_finished()
+    expected = self._requested.pop(manager.directory, None)
+    if expected is not None and expected not in manager.all_steps(read=True):
+      raise CheckpointWriteError(f"the checkpoint of step {expected} was not written to "
+                                 f"{manager.directory}; see the Orbax error logged above")
+
   def wait_until_finished(self):
-    """Blocks until pending asynchronous writes are on disk."""
-    self._latest.wait_until_finished()
-    self._best.wait_until_finished()
+    """Blocks until pending asynchronous writes are on disk; raises if one of them failed."""
+    self._confirm_written(self._latest)
+    self._confirm_written(self._best)
 
   def close(self):
     self._latest.close()

@@ -260,3 +260,17 @@ def test_relative_workdir_is_resolved(tmp_path, monkeypatch):
   restored = checkpoint.restore_latest("relative_run", state)
   np.testing.assert_array_equal(restored.state["w"], state["w"])
   np.testing.assert_array_equal(checkpoint.restore_best("relative_run", state)["w"], state["w"])
+
+
+def test_a_lost_write_is_an_error_at_the_next_save(tmp_path):
+  # Orbax logs a failed background write and carries on; the next save must refuse to go on.
+  import shutil
+  state = {"w": jnp.arange(3.0)}
+  with checkpoint.TrainCheckpointer(tmp_path, {"a": 1}, save_every_steps=1) as c:
+    c.save_latest(1, state)
+    c.wait_until_finished()
+    c.save_latest(2, state)
+    c._latest.wait_until_finished()
+    shutil.rmtree(tmp_path / "checkpoints" / "latest" / "2")
+    with pytest.raises(checkpoint.CheckpointWriteError, match="step 2"):
+      c.save_latest(3, state)
