@@ -19,6 +19,8 @@ from typing import Any
 import ml_collections
 
 TASKS = ("mner", "mre", "mjere")
+# The task each data set is scored on; `task` must agree with `dataset`.
+DATASET_TASKS = {"twitter2015": "mner", "twitter2017": "mner", "mnre": "mre", "jmere": "mjere"}
 
 
 class ConfigError(ValueError):
@@ -30,13 +32,13 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Data.
   config.task = "mner"                      # "mner" | "mre" | "mjere"
-  config.dataset = "twitter2017"
+  config.dataset = "twitter2017"            # see DATASET_TASKS for the task of each
   config.data_dir = ""                      # folder laid out like ../shared/data/<dataset>
   config.contexts = "blip2"                 # a context source name or a JSONL path
   config.missing_context = "error"          # or "empty": counted and reported
   config.use_context = True
   config.text_context = "joint"             # [R] "joint" | "separate"
-  config.max_length = 128                   # longest token bucket; longer inputs are truncated (reported)
+  config.max_length = 128                   # longest token bucket; longer inputs are truncated
   config.batch_size = 16                    # = k, the number of Shapley players
   config.eval_batch_size = 64
 
@@ -50,6 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Model.
   config.proj_dim = 256                     # [R] d_a of the alignment projections
+  config.pair_dim = 256                     # mjere: biaffine word-pair width (models/heads.py)
   config.dropout_rate = 0.1
   config.fusion = ml_collections.ConfigDict()
   config.fusion.mode = "adaptive"           # [R] "adaptive" | "plain"
@@ -102,6 +105,7 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 _CHOICES = {
     "task": TASKS,
+    "dataset": tuple(DATASET_TASKS),
     "missing_context": ("error", "empty"),
     "missing_image": ("error", "blank"),
     "text_context": ("joint", "separate"),
@@ -112,10 +116,10 @@ _CHOICES = {
     "align.utility": ("softmax_expectation", "mean_embedding", "logsumexp", "uniform_mean"),
 }
 
-_POSITIVE = ("max_length", "batch_size", "eval_batch_size", "proj_dim", "fusion.num_heads",
-             "align.num_permutations", "align.tau_u", "align.tau_c", "num_epochs",
-             "learning_rate.encoder", "learning_rate.new", "learning_rate.crf", "grad_clip_norm",
-             "log_every_steps", "checkpoint_every_steps", "keep_checkpoints")
+_POSITIVE = ("max_length", "batch_size", "eval_batch_size", "proj_dim", "pair_dim",
+             "fusion.num_heads", "align.num_permutations", "align.tau_u", "align.tau_c",
+             "num_epochs", "learning_rate.encoder", "learning_rate.new", "learning_rate.crf",
+             "grad_clip_norm", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints")
 
 _NON_NEGATIVE = ("weight_decay", "align.lambda_ct", "align.lambda_ci")
 
@@ -143,6 +147,9 @@ def validate_config(config: Any) -> None:
     raise ConfigError(f"config.warmup_ratio={flat['warmup_ratio']!r} must be in [0, 1)")
   if not 0 <= flat["dropout_rate"] < 1:
     raise ConfigError(f"config.dropout_rate={flat['dropout_rate']!r} must be in [0, 1)")
+  if flat["task"] != DATASET_TASKS[flat["dataset"]]:
+    raise ConfigError(f"config.task={flat['task']!r} does not fit config.dataset="
+                      f"{flat['dataset']!r}; expected task {DATASET_TASKS[flat['dataset']]!r}")
   aligning = flat["align.kind"] != "none"
   if aligning and flat["batch_size"] < 2:
     raise ConfigError(f"config.batch_size={flat['batch_size']} must be >= 2 with alignment on "

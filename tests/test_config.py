@@ -25,6 +25,10 @@ def test_defaults_with_a_data_dir_are_valid():
     ("align.directions", "context_image", "use_image"),
     ("use_image", True, "image_encoder"),
     ("data_dir", "", "data_dir"),
+    ("pair_dim", 0, "pair_dim"),
+    ("dataset", "twitter2016", "dataset"),
+    ("dataset", "mnre", "config.task='mner' does not fit config.dataset='mnre'"),
+    ("task", "mjere", "config.task='mjere' does not fit config.dataset='twitter2017'"),
 ])
 def test_impossible_values_name_the_key(key, value, pattern):
   config = _valid()
@@ -48,4 +52,12 @@ def test_alignment_needs_contexts():
   with pytest.raises(ConfigError, match="use_context"):
     validate_config(config)
   config.align.kind = "none"
+  validate_config(config)
+
+
+@pytest.mark.parametrize("task, dataset", [("mre", "mnre"), ("mjere", "jmere"),
+                                           ("mner", "twitter2015")])
+def test_each_task_with_its_dataset_is_valid(task, dataset):
+  config = _valid()
+  config.task, config.dataset = task, dataset
   validate_config(config)
