@@ -1,9 +1,18 @@
-"""Training and evaluation of Shap-CA for multimodal NER (METHOD §3-§6).
+"""Training and evaluation of Shap-CA on any of its three tasks (METHOD §1, §3-§6).
 
 ``train_and_evaluate(config, workdir)`` is the whole job: data -> model -> jitted steps ->
 checkpoints -> dev-selected test scores in ``workdir/results.json``. Starting it again in the
 same workdir resumes from the latest checkpoint (params, optimizer state, step, data order and
 RNG) and ends with the same numbers as an uninterrupted run.
+
+One loop serves every ``config.task``; what differs is chosen in two places: the model's head,
+loss and prediction (``ShapCA(task=...)``) and the host-side scorer (``make_scorer``):
+
+  mner   CRF tags       -> entity P/R/F1 (seqeval convention)
+  mre    relation ids   -> micro P/R/F1 over the non-None relations
+  mjere  word-pair grid -> decoded quintuple P/R/F1 (the selection metric) and entity P/R/F1
+
+Model selection always ranks the dev split's top-level ``f1``.
 """
 
 import dataclasses
@@ -13,29 +22,33 @@ import logging
 import pathlib
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
-import flax
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import tqdm
 
 from shapca_jax import checkpoint
 from shapca_jax import losses
 from shapca_jax import metrics as metrics_lib
 from shapca_jax import optim
+from shapca_jax import wordpair
 from shapca_jax.config import validate_config
-from shapca_jax.data import builders, images, labels, tokenization
+from shapca_jax.data import builders, images, labels, readers, tokenization
 from shapca_jax.data.pipeline import BatchPipeline
+from shapca_jax.data.readers import Example
 from shapca_jax.models import weights
 from shapca_jax.models.shapca import ShapCA
 
 Batch = dict[str, np.ndarray]
+Scores = dict[str, Any]
 TrainState = train_state.TrainState
+# The model's classes per task (mjere: the grid classes "none", entity types, relations).
+TASK_LABELS = {"mner": labels.MNER_LABELS, "mre": labels.MNRE_RELATIONS,
+               "mjere": labels.GRID_LABELS}
 RESULTS_FILE = "results.json"
 METRICS_LOG = "metrics.jsonl"
 # Keys that may change when a run is resumed: they steer bookkeeping, not the numbers.
@@ -93,7 +106,8 @@ def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Data
   build_dir = workdir / "tfds"
   builders.prepare(config.dataset, config.data_dir, build_dir, context_source,
                    missing_context=config.missing_context)
-  encoder = tokenization.Encoder(text_encoder_dir(config), config.task, text_context)
+  encoder = tokenization.Encoder(text_encoder_dir(config), readers.TASKS[config.dataset],
+                                 text_context)
   loader = None
   if config.use_image:
     loader = _ImageLoader(images.ImageProcessor.from_checkpoint(config.image_encoder),
@@ -121,18 +135,31 @@ def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Data
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int):
-  """The model and its pretrained encoder params (``{"text_encoder": ..., "image_encoder": ...}``)."""
+  """The model and its pretrained encoder params (``{"text_encoder": ..., "image_encoder": ...}``).
+
+  ``vocab_size`` is the tokenizer's, with any tokens the data layer added (MRE's four entity
+  markers): the word-embedding table grows by that many rows (``weights.add_token_embeddings``,
+  pretrained rows untouched) and the BERT config is rebuilt with the new size.
+  """
   dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
   _, text_params, text_config = weights.load_hf_encoder(text_encoder_dir(config))
-  if vocab_size != text_config.vocab_size:
-    raise ValueError(f"the tokenizer of {text_encoder_dir(config)} has {vocab_size} tokens but "
-                     f"its model {text_config.vocab_size} embeddings")
+  added = len(tokenization.MARKERS) if config.task == "mre" else 0
+  if vocab_size != text_config.vocab_size + added:
+    raise ValueError(f"the tokenizer of {text_encoder_dir(config)} has {vocab_size} tokens"
+                     f"{f' with the {added} entity markers' if added else ''} but its model "
+                     f"{text_config.vocab_size} embeddings; expected {vocab_size - added}")
+  if added:
+    marker_rng = jax.random.fold_in(jax.random.key(config.seed), vocab_size)
+    text_params = weights.add_token_embeddings(text_params, added, marker_rng)
+    text_config = dataclasses.replace(text_config, vocab_size=vocab_size)
   pretrained = {"text_encoder": text_params}
   vision_config = None
   if config.use_image:
     _, image_params, vision_config = weights.load_hf_encoder(config.image_encoder)
     pretrained["image_encoder"] = image_params
-  model = ShapCA(text_config, labels.MNER_LABELS, vision_config=vision_config,
+  model = ShapCA(text_config, TASK_LABELS[config.task], task=config.task,
+                 num_entity_types=len(labels.ENTITY_TYPES), pair_dim=config.pair_dim,
+                 vision_config=vision_config,
                  use_context=config.use_context, text_context=config.text_context,
                  proj_dim=config.proj_dim, dropout_rate=config.dropout_rate,
                  fusion_mode=config.fusion.mode, fusion_heads=config.fusion.num_heads,
@@ -184,7 +211,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
   def loss_fn(params):
     out = state.apply_fn({"params": params}, batch, deterministic=False,
                          rngs={"dropout": dropout_rng})
-    task = -jnp.sum(out["log_likelihood"] * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+    units = jnp.sum(out["task_units"] * valid)
+    task = jnp.sum(out["task_loss"] * valid) / jnp.maximum(units, 1.0)
     align_loss, terms = alignment(out, batch, shapley_rng, align)
     return task + align_loss, {"task_loss": task, "align_loss": align_loss, **terms}
 
@@ -195,28 +223,116 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
 
 
 def eval_step(state: TrainState, batch: Batch) -> jax.Array:
-  """Constrained Viterbi tags [B, W] (-1 beyond each sentence)."""
-  tags, _ = state.apply_fn({"params": state.params}, batch, method=ShapCA.decode)
-  return tags
+  """The model's predictions for a batch (see ``ShapCA.predict``)."""
+  return state.apply_fn({"params": state.params}, batch, method=ShapCA.predict)
 
 
-def evaluate(eval_fn: Callable, state: TrainState, pipeline: BatchPipeline) -> dict[str, Any]:
-  """Entity P/R/F1 (seqeval default convention) of one split, every example scored once."""
-  gold, pred = {}, {}
+# ----------------------------------------------------------------------------- scoring
+
+
+class Prediction(NamedTuple):
+  """One example's row of ``eval_step`` output and the number of its words the layout kept."""
+  value: np.ndarray
+  num_words: int
+
+
+Scorer = Callable[[Sequence[Example], Sequence[Prediction]], Scores]
+
+
+def score_mner(examples: Sequence[Example], predictions: Sequence[Prediction]) -> Scores:
+  """Entity P/R/F1 (seqeval default convention); words cut off by truncation count as O."""
+  gold = [list(e.tags) for e in examples]
+  pred = [[labels.MNER_LABELS[t] for t in p.value[:p.num_words]]
+          + ["O"] * (len(e.tags) - p.num_words) for e, p in zip(examples, predictions)]
+  return metrics_lib.entity_f1(gold, pred)
+
+
+def score_mre(examples: Sequence[Example], predictions: Sequence[Prediction]) -> Scores:
+  """Micro P/R/F1 over the relations other than None (id 0)."""
+  gold = [labels.MNRE_RELATION_IDS[e.relation] for e in examples]
+  return metrics_lib.relation_f1(gold, [int(p.value) for p in predictions], negative_label=0)
+
+
+def _entity(span: labels.Span) -> wordpair.Entity:
+  return (span.start, span.end), span.label
+
+
+def _quintuple(q: labels.Quintuple) -> wordpair.Quintuple:
+  return (q.head.start, q.head.end), q.head.label, (q.tail.start, q.tail.end), q.tail.label, (
+      q.relation)
+
+
+@dataclasses.dataclass(frozen=True)
+class JmereScorer:
+  """Decodes predicted grids (``wordpair.decode_grid``) and scores quintuples and entities.
+
+  Top-level P/R/F1 are the quintuple scores (the selection metric); ``entity`` holds entity
+  P/R/F1 with a per-type report. Gold quintuples and entities lost to truncation count as
+  misses.
+  """
+  vocab: wordpair.GridVocab
+
+  @classmethod
+  def fit(cls, train_examples: Iterable[Example]) -> "JmereScorer":
+    """The grid vocabulary: MNRE type signatures orient relations, and the same-type
+    orientation convention is fit on the training split (``wordpair.later_head_relations``)."""
+    signatures = wordpair.signatures_from_mnre_labels(labels.MNRE_RELATIONS)
+    quintuples = [_quintuple(q) for e in train_examples for q in e.quintuples]
+    return cls(wordpair.GridVocab(labels.ENTITY_TYPES, labels.JMERE_RELATIONS, signatures,
+                                  wordpair.later_head_relations(quintuples, signatures)))
+
+  def scores(self, examples: Sequence[Example], grids: Sequence[np.ndarray]) -> Scores:
+    decoded = [wordpair.decode_grid(grid, self.vocab) for grid in grids]
+    scores = metrics_lib.jmere_f1(
+        [[_entity(s) for s in e.entities] for e in examples], [d.entities for d in decoded],
+        [[_quintuple(q) for q in e.quintuples] for e in examples], [d.quintuples for d in decoded])
+    return {**scores["quintuple"], "entity": scores["entity"]}
+
+  def __call__(self, examples: Sequence[Example], predictions: Sequence[Prediction]) -> Scores:
+    return self.scores(examples, [p.value[:p.num_words, :p.num_words] for p in predictions])
+
+  def ceiling(self, examples: Sequence[Example]) -> Scores:
+    """Scores of the gold grids themselves: the best any model on this grid format can do."""
+    return self.scores(examples, [tokenization.example_grid(e).grid for e in examples])
+
+
+def make_scorer(task: str, train_examples: Iterable[Example]) -> Scorer:
+  """The host-side scorer of ``task``; mjere fits its decoder on ``train_examples``."""
+  if task == "mner":
+    return score_mner
+  if task == "mre":
+    return score_mre
+  return JmereScorer.fit(train_examples)
+
+
+def predict_split(eval_fn: Callable, state: TrainState,
+                  pipeline: BatchPipeline) -> list[Prediction]:
+  """``eval_fn`` over a split: one prediction per example, in example order."""
+  predictions = {}
   for batch in pipeline:
-    tags = np.asarray(jax.device_get(eval_fn(state, batch)))
+    values = np.asarray(jax.device_get(eval_fn(state, batch)))
     for row in np.flatnonzero(batch["valid"]):
-      index = int(batch["example_index"][row])
-      example = pipeline.examples[index]
-      n = int(batch["num_words"][row])
-      # Words cut off by truncation count as predicted O: the scores cover every gold word.
-      pred[index] = [labels.MNER_LABELS[t] for t in tags[row, :n]] + ["O"] * (
-          len(example.tags) - n)
-      gold[index] = list(example.tags)
-  if len(gold) != len(pipeline.examples):
-    raise RuntimeError(f"evaluation scored {len(gold)} of {len(pipeline.examples)} examples")
-  order = sorted(gold)
-  return metrics_lib.entity_f1([gold[i] for i in order], [pred[i] for i in order])
+      predictions[int(batch["example_index"][row])] = Prediction(
+          values[row], int(batch["num_words"][row]))
+  if len(predictions) != len(pipeline.examples):
+    raise RuntimeError(f"evaluation scored {len(predictions)} of {len(pipeline.examples)} "
+                       "examples")
+  return [predictions[i] for i in range(len(pipeline.examples))]
+
+
+def evaluate(eval_fn: Callable, state: TrainState, pipeline: BatchPipeline,
+             scorer: Optional[Scorer] = None) -> Scores:
+  """The scores of one split, every example scored once.
+
+  ``scorer`` defaults to the pipeline's task scorer for MNER and MRE; JMERE needs one fit on
+  its training split (``make_scorer("mjere", train_examples)``).
+  """
+  if scorer is None:
+    if pipeline.encoder.task == "jmere":
+      raise ValueError("evaluating JMERE needs a scorer fit on the training split: pass "
+                       "scorer=make_scorer('mjere', train_examples)")
+    scorer = score_mre if pipeline.encoder.task == "mre" else score_mner
+  return scorer(list(pipeline.examples), predict_split(eval_fn, state, pipeline))
 
 
 # ----------------------------------------------------------------------------- loop
@@ -288,6 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir.mkdir(parents=True, exist_ok=True)
   data = build_data(config, workdir)
   model, pretrained = build_model(config, data.vocab_size)
+  scorer = make_scorer(config.task, data.train.examples)
   steps_per_epoch = data.train.report.batches_per_epoch
   total_steps = config.num_epochs * steps_per_epoch
   if config.max_steps > 0:
@@ -351,7 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         last_saved = step
       if is_eval:
         timer.pause()
-        dev = evaluate(eval_fn, state, data.valid)
+        dev = evaluate(eval_fn, state, data.valid, scorer)
         _append_jsonl(metrics_log, {"step": step, "epoch": step / steps_per_epoch,
                                     "dev": _summary(dev)})
         ckpt.save_best(step, state.params, _summary(dev))
@@ -365,20 +482,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   best_params = checkpoint.restore_best(workdir, state.params)
   best_state = state.replace(params=best_params)
   results = {
+      "task": config.task,
       "dataset": config.dataset,
       "seed": config.seed,
       "best_step": best["step"],
-      "dev": evaluate(eval_fn, best_state, data.valid),
-      "test": evaluate(eval_fn, best_state, data.test),
+      "dev": evaluate(eval_fn, best_state, data.valid, scorer),
+      "test": evaluate(eval_fn, best_state, data.test, scorer),
       "steps": total_steps,
       "steps_per_second": timer.rate() if timer.steps else None,
       "wall_seconds": time.time() - start_time,
       "data": data.reports(),
       "config": config.to_dict(),
   }
+  if isinstance(scorer, JmereScorer):
+    results["gold_grid_ceiling"] = {split: scorer.ceiling(list(getattr(data, pipe).examples))
+                                    for split, pipe in (("dev", "valid"), ("test", "test"))}
   (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
   return results
 
 
-def _summary(scores: dict[str, Any]) -> dict[str, float]:
-  return {k: scores[k] for k in ("precision", "recall", "f1")}
+def _summary(scores: Scores) -> dict[str, float]:
+  """The scalars logged and stored with the best checkpoint (mjere adds its entity F1)."""
+  summary = {k: scores[k] for k in ("precision", "recall", "f1")}
+  if "entity" in scores:
+    summary["entity_f1"] = scores["entity"]["f1"]
+  return summary

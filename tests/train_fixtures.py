@@ -1,5 +1,7 @@
 """Tiny data sets and checkpoints for end-to-end runs (shared by the training tests)."""
 
+import ast
+import json
 import pathlib
 import shutil
 
@@ -43,8 +45,45 @@ def write_tiny_twitter(source: pathlib.Path, target: pathlib.Path, per_split: in
   return target
 
 
-def tiny_config(data_dir: pathlib.Path, encoder_dir: pathlib.Path):
+# Real file names of each split: JMERE, MNRE and the MNRE captioner files.
+RELATION_SPLITS = {"train": ("train.json", "ours_train.txt", "train"),
+                   "valid": ("val.json", "ours_val.txt", "val"),
+                   "test": ("test.json", "ours_test.txt", "test")}
+TINY_CONTEXTS = "minicpm"
+
+
+def write_tiny_relations(source: pathlib.Path, target: pathlib.Path, per_split: int,
+                         max_words: int = 30) -> pathlib.Path:
+  """The first ``per_split`` JMERE samples of at most ``max_words`` words of each split, every
+  MNRE instance of those samples' images (its ``None`` pairs included) and their MiniCPM
+  contexts. Context files may only name images of their MNRE split, so one subset serves both
+  data sets; short sentences keep the MRE markers inside a 64-token bucket."""
+  (target / "jmere").mkdir(parents=True)
+  (target / "mnre" / "contexts").mkdir(parents=True)
+  shutil.copy(source / "mnre" / "ours_rel2id.json", target / "mnre" / "ours_rel2id.json")
+  for jmere_name, mnre_name, context_split in RELATION_SPLITS.values():
+    samples = [s for s in json.loads((source / "jmere" / jmere_name).read_text())
+               if len(s["token"]) <= max_words][:per_split]
+    (target / "jmere" / jmere_name).write_text(json.dumps(samples))
+    image_ids = {s["img_id"] for s in samples}
+    instances = [line for line in (source / "mnre" / mnre_name).read_text().splitlines()
+                 if ast.literal_eval(line)["img_id"] in image_ids]
+    (target / "mnre" / mnre_name).write_text("\n".join(instances) + "\n")
+    context_name = f"{TINY_CONTEXTS}_{context_split}.txt"
+    contexts = [line for line in (source / "mnre" / "contexts" / context_name).read_text()
+                .splitlines() if ast.literal_eval(line)["img_id"] in image_ids]
+    (target / "mnre" / "contexts" / context_name).write_text("\n".join(contexts) + "\n")
+  return target
+
+
+def tiny_config(data_dir: pathlib.Path, encoder_dir: pathlib.Path, task: str = "mner"):
+  """A run small enough for a test; ``task`` "mre" / "mjere" reads ``write_tiny_relations``."""
   config = default_config()
+  if task != "mner":
+    config.task = task
+    config.dataset = {"mre": "mnre", "mjere": "jmere"}[task]
+    config.contexts = TINY_CONTEXTS
+    config.pair_dim = 16
   config.data_dir = str(data_dir)
   config.text_encoder = str(encoder_dir)
   config.batch_size = 4

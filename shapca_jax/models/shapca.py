@@ -8,7 +8,10 @@ One forward pass of a batch (the field names of ``shapca_jax.data`` batches):
   u, P = image CLS and patch states of the vision tower           (only with an image encoder)
   t_a, c_a, u_a = L2-normalised 2-layer MLP projections of t, c, u   -> alignment losses
   H' = AdaptiveFusion(H, P, c)  with an image encoder, else H     (fusion is the identity)
-  emissions = Dense(H' at each word's first piece)  -> CRF (MNER)
+  the task head on H' (METHOD §1):
+    mner   emissions [B, W, K] at each word's first piece -> CRF
+    mre    logits [B, C] from [H'_<s>; H'_<o>]            -> cross-entropy
+    mjere  logits [B, W, W, C] over first-piece pairs     -> cross-entropy on valid grid cells
 
 The alignment losses themselves live in ``shapca_jax.losses`` and are applied by the training
 step, which owns the PRNG keys of the Monte Carlo permutations.
@@ -19,33 +22,45 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from shapca_jax import crf as crf_lib
+from shapca_jax import wordpair
 from shapca_jax.models.bert import BertConfig, BertEncoder
 from shapca_jax.models.fusion import AdaptiveFusion
-from shapca_jax.models.heads import AlignmentProjection, TaggingHead, masked_mean
+from shapca_jax.models.heads import (AlignmentProjection, RelationHead, TaggingHead,
+                                     WordPairHead, masked_mean)
 from shapca_jax.models.vision import VisionConfig, VisionEncoder
 
 Batch = dict[str, jax.Array]
+TASKS = ("mner", "mre", "mjere")
 
 
 class ShapCA(nn.Module):
-  """Shap-CA for multimodal NER.
+  """Shap-CA for multimodal NER, relation extraction or joint entity-relation extraction.
 
   Attributes:
-    text_config: the BERT architecture (from the checkpoint's config.json).
-    labels: the BIO tag names; the CRF has one state per label.
+    text_config: the BERT architecture (from the checkpoint's config.json; for MRE with the
+      vocabulary grown by the entity markers).
+    labels: the class names of the task: BIO tags (mner, one CRF state each), relations (mre)
+      or grid classes (mjere: "none", the entity types, then the relations).
+    task: "mner", "mre" or "mjere".
+    num_entity_types: mjere only: grid classes 1..num_entity_types are entity types.
+    pair_dim: mjere only: width of the biaffine word-pair representations.
     vision_config: the image tower's architecture, or None when the image branch is off.
     use_context: False encodes the text alone (the "no context" ablation).
     text_context: "joint" or "separate" (see the module docstring).
     proj_dim: size of the alignment space d_a.
     dropout_rate: dropout before the task head.
     fusion_mode / fusion_heads: ``AdaptiveFusion`` settings.
-    constrained_training: apply the BIO constraints in the CRF log-likelihood too.
+    constrained_training: mner only: apply the BIO constraints in the CRF log-likelihood too.
     dtype / param_dtype: compute and parameter dtypes.
   """
   text_config: BertConfig
   labels: Sequence[str]
+  task: str = "mner"
+  num_entity_types: int = 0
+  pair_dim: int = 256
   vision_config: Optional[VisionConfig] = None
   use_context: bool = True
   text_context: str = "joint"
@@ -58,6 +73,11 @@ class ShapCA(nn.Module):
   param_dtype: Any = jnp.float32
 
   def setup(self):
+    if self.task not in TASKS:
+      raise ValueError(f"task={self.task!r}; expected one of {TASKS}")
+    if self.task == "mjere" and not 0 < self.num_entity_types < len(self.labels):
+      raise ValueError(f"mjere needs 0 < num_entity_types < {len(self.labels)} grid classes, "
+                       f"got {self.num_entity_types}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.text_encoder = BertEncoder(self.text_config, **kw)
     self.text_proj = AlignmentProjection(self.proj_dim, **kw)
@@ -69,11 +89,17 @@ class ShapCA(nn.Module):
       self.fusion = AdaptiveFusion(self.fusion_heads, self.dropout_rate, mode=self.fusion_mode,
                                    **kw)
     self.dropout = nn.Dropout(self.dropout_rate)
-    self.tagger = TaggingHead(len(self.labels), **kw)
-    self.crf = crf_lib.CRF(tuple(self.labels), constrained_training=self.constrained_training)
+    if self.task == "mner":
+      self.tagger = TaggingHead(len(self.labels), **kw)
+      self.crf = crf_lib.CRF(tuple(self.labels), constrained_training=self.constrained_training)
+    elif self.task == "mre":
+      self.classifier = RelationHead(len(self.labels), **kw)
+    else:
+      self.pair_scorer = WordPairHead(len(self.labels), self.pair_dim, **kw)
 
   def encode(self, batch: Batch, deterministic: bool) -> dict[str, jax.Array]:
-    """Alignment vectors and CRF emissions of a batch."""
+    """Alignment vectors (``text_vec``, ``context_vec``, ``image_vec``) and the head's scores
+    of a batch: ``emissions`` (mner) or ``logits`` (mre, mjere)."""
     states = self.text_encoder(batch["input_ids"], batch["token_type_ids"],
                                batch["attention_mask"], deterministic=deterministic)
     context = None
@@ -93,16 +119,43 @@ class ShapCA(nn.Module):
       states = self.fusion(states, patches, context, batch["attention_mask"],
                            deterministic=deterministic)
     states = self.dropout(states, deterministic=deterministic)
-    out["emissions"] = self.tagger(states, batch["word_starts"])
+    if self.task == "mner":
+      out["emissions"] = self.tagger(states, batch["word_starts"])
+    elif self.task == "mre":
+      out["logits"] = self.classifier(states, batch["head_pos"], batch["tail_pos"])
+    else:
+      out["logits"] = self.pair_scorer(states, batch["word_starts"])
     return out
 
   def __call__(self, batch: Batch, deterministic: bool = True) -> dict[str, jax.Array]:
-    """``encode`` plus the CRF log-likelihood of ``batch["tags"]`` per example."""
+    """``encode`` plus the task loss of each example as ``task_loss [B]`` (a sum over its
+    scored units) and ``task_units [B]`` (how many units: 1, or the valid grid cells for
+    mjere), so that sum(loss) / sum(units) is the per-unit mean over any set of rows."""
     out = self.encode(batch, deterministic)
-    out["log_likelihood"] = self.crf(out["emissions"], batch["tags"], batch["num_words"])
+    if self.task == "mner":
+      loss = -self.crf(out["emissions"], batch["tags"], batch["num_words"])
+      units = jnp.ones_like(loss)
+    elif self.task == "mre":
+      loss = optax.softmax_cross_entropy_with_integer_labels(out["logits"], batch["relation"])
+      units = jnp.ones_like(loss)
+    else:
+      grid = batch["grid"]
+      valid = grid != wordpair.IGNORE
+      cells = optax.softmax_cross_entropy_with_integer_labels(out["logits"],
+                                                              jnp.maximum(grid, 0))
+      loss = jnp.sum(jnp.where(valid, cells, 0.0), axis=(1, 2))
+      units = jnp.sum(valid, axis=(1, 2)).astype(jnp.float32)
+    out["task_loss"], out["task_units"] = loss, units
     return out
 
-  def decode(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Constrained Viterbi tags ``[B, W]`` (-1 beyond each sentence) and their scores."""
+  def predict(self, batch: Batch) -> jax.Array:
+    """The task's prediction per example: constrained Viterbi tags ``[B, W]`` (-1 beyond each
+    sentence; mner), relation ids ``[B]`` (mre) or grids ``[B, W, W]`` (-1 on ignored cells,
+    no relation on the diagonal; mjere)."""
     out = self.encode(batch, deterministic=True)
-    return self.crf.decode(out["emissions"], batch["num_words"])
+    if self.task == "mner":
+      return self.crf.decode(out["emissions"], batch["num_words"])[0]
+    if self.task == "mre":
+      return jnp.argmax(out["logits"], axis=-1).astype(jnp.int32)
+    valid = wordpair.valid_cells(batch["num_words"], out["logits"].shape[1])
+    return wordpair.predict_grid(out["logits"], valid, self.num_entity_types)
