@@ -443,6 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     last_saved = first_step if restored is not None else None
 
     pending: list[tuple[int, dict]] = []
+    best_dev = None  # the dev scores of the best checkpoint, when this process evaluated it
     bar = tqdm.tqdm(total=total_steps, initial=first_step, disable=not config.progress_bar,
                     desc="train", unit="step", dynamic_ncols=True)
     timer = _StepTimer()
@@ -471,7 +472,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         dev = evaluate(eval_fn, state, data.valid, scorer)
         _append_jsonl(metrics_log, {"step": step, "epoch": step / steps_per_epoch,
                                     "dev": _summary(dev)})
-        ckpt.save_best(step, state.params, _summary(dev))
+        if ckpt.save_best(step, state.params, _summary(dev)):
+          best_dev = dev
         timer.resume()
         bar.write(f"step {step}: dev F1 {dev['f1']:.4f} (best {ckpt.best['value']:.4f} at step "
                   f"{ckpt.best['step']})")
@@ -481,12 +483,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   best_params = checkpoint.restore_best(workdir, state.params)
   best_state = state.replace(params=best_params)
+  if best_dev is None:  # the best checkpoint was evaluated before a resume
+    best_dev = evaluate(eval_fn, best_state, data.valid, scorer)
   results = {
       "task": config.task,
       "dataset": config.dataset,
       "seed": config.seed,
       "best_step": best["step"],
-      "dev": evaluate(eval_fn, best_state, data.valid, scorer),
+      "dev": best_dev,
       "test": evaluate(eval_fn, best_state, data.test, scorer),
       "steps": total_steps,
       "steps_per_second": timer.rate() if timer.steps else None,
