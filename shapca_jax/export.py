@@ -7,7 +7,9 @@ checkpoint folders the run started from are read again:
 
   model.json          format version, task, labels, the architecture (every field of the Flax
                       module ``train.build_model`` built, encoder configs included), the best
-                      step and its dev/test scores, and the workdir it came from
+                      step and its dev/test scores, the workdir it came from and, for mjere,
+                      the relations whose head is the later span (fit on the training split,
+                      see ``wordpair.later_head_relations``) that grid decoding needs
   train_config.json   the run's full config (paths in it are provenance only)
   params.safetensors  all parameters of the best dev checkpoint, fine-tuned encoders included,
                       one tensor per leaf named by its path (``text_encoder/layer_0/...``)
@@ -38,7 +40,7 @@ import ml_collections
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from shapca_jax import checkpoint, train
+from shapca_jax import checkpoint, train, wordpair
 from shapca_jax.data import images, readers, tokenization
 
 FORMAT_VERSION = 1
@@ -213,6 +215,8 @@ def export_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
         "scores": {split: {k: results[split][k] for k in ("precision", "recall", "f1")}
                    for split in ("dev", "test") if split in results},
     }
+    if config.task == "mjere":
+      info["head_follows_tail"] = sorted(_grid_vocab(config).head_follows_tail)
     (staging / MODEL_FILE).write_text(json.dumps(info, indent=1) + "\n")
     (staging / CONFIG_FILE).write_text(config.to_json(indent=1) + "\n")
     if out_dir.exists():
@@ -223,6 +227,17 @@ def export_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
   return {"model_dir": str(out_dir), "num_params": int(sum(v.size for v in flat.values())),
           "bytes": (out_dir / PARAMS_FILE).stat().st_size, "best_step": results["best_step"],
           **{f"{split}_f1": s["f1"] for split, s in info["scores"].items()}}
+
+
+def _grid_vocab(config: ml_collections.ConfigDict,
+                head_follows_tail: list[str] | None = None) -> wordpair.GridVocab:
+  """The JMERE grid vocabulary of training: fit on the training split, or rebuilt from the
+  stored ``head_follows_tail``."""
+  if head_follows_tail is None:
+    return train.JmereScorer.fit(readers.read_split(config.dataset, "train",
+                                                    config.data_dir)).vocab
+  return dataclasses.replace(train.JmereScorer.fit(()).vocab,
+                             head_follows_tail=frozenset(head_follows_tail))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -250,8 +265,20 @@ class ExportedModel:
     return tuple(self.info["labels"])
 
   @property
+  def task(self) -> str:
+    """``mner``, ``mre`` or ``mjere``."""
+    return self.config.task
+
+  @property
   def buckets(self) -> tuple[tokenization.Bucket, ...]:
     return buckets(self.config)
+
+  def grid_vocab(self) -> wordpair.GridVocab:
+    """How mjere grids decode into entities and quintuples, exactly as in training."""
+    if "head_follows_tail" not in self.info:
+      raise ExportError(f"{self.directory / MODEL_FILE}: no 'head_follows_tail'; only mjere "
+                        "models decode grids")
+    return _grid_vocab(self.config, self.info["head_follows_tail"])
 
   def encoder(self) -> tokenization.Encoder:
     """The tokenizer and input layout of the training run."""
