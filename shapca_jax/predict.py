@@ -1,22 +1,30 @@
-"""Inference with an exported model: batched, jitted MNER tagging with confidences from the CRF
-marginals and, on request, the Shapley credit each context earns in the context->text games.
+"""Inference with an exported model: batched and jitted, for all three tasks, with confidences
+and, on request, the Shapley credit each context earns in the context->text games.
 
   python -m shapca_jax.predict --model DIR --input examples.jsonl [--output out.jsonl] [--explain]
   python -m shapca_jax.predict --model DIR --text "..." [--context "..."] [--image photo.jpg]
+      [--head 0:2 --tail 4:5]   (mre: the entity pair, end-exclusive word spans)
 
-Input: one JSON object per line, ``{"id"?, "words" | "text", "context"?, "image"?}``. ``words`` is
-the pre-split sentence, ``text`` is split on white space; ``context`` is the image-derived text
-(``--context`` fills it in for lines without one); ``image`` is a file name, relative to
-``--image_dir`` (default: the input file's folder). A malformed line, a missing context or a
-missing image (for a model trained with images) is an error naming the line; blank lines are
-skipped. Examples longer than the model's largest bucket are truncated (the context first, as in
-training); the words left untagged are reported on stderr and in the output.
+Input: one JSON object per line, ``{"id"?, "words" | "text", "context"?, "image"?}``, plus
+``"head": [start, end], "tail": [start, end]`` for MRE. ``words`` is the pre-split sentence,
+``text`` is split on white space; ``context`` is the image-derived text (``--context`` fills it
+in for lines without one); ``image`` is a file name, relative to ``--image_dir`` (default: the
+input file's folder). A malformed line, a missing context or a missing image (for a model
+trained with images) is an error naming the line; blank lines are skipped. Examples longer than
+the model's largest bucket are truncated (the context first, as in training); the words left
+out are reported on stderr and as ``truncated_words``.
 
-Output: one JSON object per input, in input order: ``id``, ``words``, ``context``, ``tags`` (BIO,
-``null`` for truncated words), ``entities`` (``start``/``end`` word span, ``type``, ``text``,
-``confidence``) and ``truncated_words``. An entity's confidence is the smallest posterior
-marginal P(tag_t = decoded tag_t | x) over its words: an upper bound on the probability that the
-CRF gives exactly this span and type.
+Output: one JSON object per input, in input order, with ``id``, ``words``, ``context`` and
+``truncated_words``, plus per task:
+  mner   ``tags`` (BIO, ``null`` for truncated words) and ``entities`` (``start``/``end`` word
+         span, ``type``, ``text``, ``confidence``: the smallest posterior marginal
+         P(tag_t = decoded tag_t | x) over the entity's words, from the BIO-constrained CRF, an
+         upper bound on the probability of exactly this span and type);
+  mre    ``head``, ``tail``, ``relation``, ``confidence`` (its softmax probability) and
+         ``probabilities`` of every relation;
+  mjere  ``entities`` and ``quintuples`` (head, tail, relation) decoded from the word-pair grid
+         as in training.
+Predictions are the training evaluation's own (``ShapCA.predict``).
 
 Explanations (``--explain``): inputs are batched like evaluation batches (grouped by length bucket
 in input order, ``--batch_size`` per batch, by default the training batch size k). In each batch
@@ -42,13 +50,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from shapca_jax import export, shapley
+from shapca_jax import export, shapley, wordpair
 from shapca_jax.data import images, labels
 from shapca_jax.data.errors import DataFormatError, read_lines, where
+from shapca_jax.data.labels import Span
 from shapca_jax.data.pipeline import BatchPipeline
 from shapca_jax.data.readers import Example
 
 INPUT_KEYS = ("id", "words", "text", "context", "image")
+PAIR_KEYS = ("head", "tail")  # mre only
 MISSING_CONTEXT_MODES = ("error", "empty")
 _DECIMALS = 6
 
@@ -86,29 +96,50 @@ def _words(record: dict, loc: str) -> tuple[str, ...]:
   return words
 
 
-def parse_query(record: Any, loc: str, *, default_id: Any, default_context: str | None = None,
+def _span(record: dict, key: str, num_words: int, loc: str) -> Span:
+  value = record.get(key)
+  if not (isinstance(value, list) and len(value) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+          and 0 <= value[0] < value[1] <= num_words):
+    raise DataFormatError(f"{loc}: {key!r} must be a word span [start, end) with 0 <= start < "
+                          f"end <= {num_words}, got {value!r}")
+  return Span(value[0], value[1], "")
+
+
+def parse_query(record: Any, loc: str, *, task: str = "mner", default_id: Any,
+                default_context: str | None = None,
                 image_dir: pathlib.Path | None = None) -> Query:
   """A Query from one parsed input object; ``loc`` (``file:line``) prefixes every error."""
   if not isinstance(record, dict):
     raise DataFormatError(f"{loc}: expected a JSON object, got {type(record).__name__}")
-  unknown = sorted(set(record) - set(INPUT_KEYS))
+  allowed = INPUT_KEYS + (PAIR_KEYS if task == "mre" else ())
+  unknown = sorted(set(record) - set(allowed))
   if unknown:
-    raise DataFormatError(f"{loc}: unknown keys {unknown}; expected some of {list(INPUT_KEYS)}")
+    raise DataFormatError(f"{loc}: unknown keys {unknown} for a {task} model; expected some of "
+                          f"{list(allowed)}")
   query_id = record.get("id", default_id)
   if not isinstance(query_id, (str, int)) or isinstance(query_id, bool):
     raise DataFormatError(f"{loc}: 'id' must be a string or an integer, got {query_id!r}")
+  words = _words(record, loc)
+  pair = {}
+  if task == "mre":
+    # The encoder reads a gold relation for its targets; prediction never looks at it.
+    pair = dict(head=_span(record, "head", len(words), loc),
+                tail=_span(record, "tail", len(words), loc), relation=labels.MNRE_RELATIONS[0])
   context = _text_field(record, "context", loc)
   image = _text_field(record, "image", loc) or ""
   image_path = str(image_dir / image) if image and image_dir is not None else image
-  example = Example(image_id=pathlib.Path(image).name, words=_words(record, loc), source=loc,
+  example = Example(image_id=pathlib.Path(image).name, words=words, source=loc,
                     context=default_context if context is None else context,
-                    image_path=image_path)
+                    image_path=image_path, **pair)
   return Query(query_id, example)
 
 
-def read_queries(path: str | os.PathLike, *, default_context: str | None = None,
+def read_queries(path: str | os.PathLike, *, task: str = "mner",
+                 default_context: str | None = None,
                  image_dir: str | os.PathLike | None = None) -> list[Query]:
-  """The inputs of a JSONL file; ids default to the line number and must not repeat."""
+  """The inputs of a JSONL file for a ``task`` model; ids default to the line number and must
+  not repeat."""
   path = pathlib.Path(path)
   image_dir = pathlib.Path(image_dir) if image_dir is not None else path.parent
   queries, seen = [], {}
@@ -120,8 +151,8 @@ def read_queries(path: str | os.PathLike, *, default_context: str | None = None,
       record = json.loads(line)
     except json.JSONDecodeError as err:
       raise DataFormatError(f"{loc}: not valid JSON ({err.msg} at column {err.colno})") from err
-    query = parse_query(record, loc, default_id=number, default_context=default_context,
-                        image_dir=image_dir)
+    query = parse_query(record, loc, task=task, default_id=number,
+                        default_context=default_context, image_dir=image_dir)
     if query.id in seen:
       raise DataFormatError(f"{loc}: id {query.id!r} was already used on line {seen[query.id]}")
     seen[query.id] = number
@@ -135,18 +166,23 @@ def read_queries(path: str | os.PathLike, *, default_context: str | None = None,
 
 
 def _outputs(module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """``ShapCA.decode`` plus the constrained marginals and the alignment vectors."""
+  """``ShapCA.predict`` (the evaluation's decoding), the confidences of the task and the
+  alignment vectors. XLA computes the encoder once for both calls."""
   out = module.encode(batch, deterministic=True)
-  tags, _ = module.crf.decode(out["emissions"], batch["num_words"])
-  marginals = module.crf.marginals(out["emissions"], batch["num_words"])
-  return {"tags": tags, "marginals": marginals,
-          **{k: out[k] for k in ("text_vec", "context_vec") if k in out}}
+  result = {"prediction": module.predict(batch),
+            **{k: out[k] for k in ("text_vec", "context_vec") if k in out}}
+  if module.task == "mner":
+    result["marginals"] = module.crf.marginals(out["emissions"], batch["num_words"])
+  elif module.task == "mre":
+    result["probabilities"] = jax.nn.softmax(out["logits"], axis=-1)
+  return result
 
 
 # The module is static (hashable, compared by its fields): equal models share compilations.
 @functools.partial(jax.jit, static_argnums=0)
 def forward(model, params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Decoded tags [B, W] (-1 beyond each sentence), marginals [B, W, K] and alignment vectors."""
+  """``prediction`` (see ``ShapCA.predict``), ``marginals`` [B, W, K] (mner) or
+  ``probabilities`` [B, C] (mre), and the alignment vectors."""
   return model.apply({"params": params}, batch, method=_outputs)
 
 
@@ -173,11 +209,38 @@ def _round(x: Any) -> float:
   return round(float(x), _DECIMALS)
 
 
-def entities(words: Sequence[str], tags: Sequence[str], confidence: np.ndarray) -> list[dict]:
-  """Entity spans of decoded BIO ``tags``; ``confidence[t]`` is the marginal of tag t."""
-  return [{"start": s.start, "end": s.end, "type": s.label, "text": " ".join(words[s.start:s.end]),
-           "confidence": _round(np.min(confidence[s.start:s.end]))}
-          for s in labels.bio_spans(tags)]
+def _words_at(words: Sequence[str], start: int, end: int, **extra: Any) -> dict[str, Any]:
+  return {"start": start, "end": end, **extra, "text": " ".join(words[start:end])}
+
+
+def mner_record(words: Sequence[str], names: Sequence[str], tag_ids: np.ndarray,
+                marginals: np.ndarray) -> dict[str, Any]:
+  """Tags and entities of the first ``len(tag_ids)`` words; ``marginals`` [n, K]."""
+  n = len(tag_ids)
+  tags = [names[t] for t in tag_ids]
+  confidence = marginals[np.arange(n), tag_ids]
+  return {"tags": tags + [None] * (len(words) - n),
+          "entities": [_words_at(words, s.start, s.end, type=s.label,
+                                 confidence=_round(np.min(confidence[s.start:s.end])))
+                       for s in labels.bio_spans(tags)]}
+
+
+def mre_record(example: Example, names: Sequence[str], probabilities: np.ndarray) -> dict:
+  """The pair, the most probable relation and every relation's probability."""
+  best = int(np.argmax(probabilities))
+  return {"head": _words_at(example.words, example.head.start, example.head.end),
+          "tail": _words_at(example.words, example.tail.start, example.tail.end),
+          "relation": names[best], "confidence": _round(probabilities[best]),
+          "probabilities": {name: _round(p) for name, p in zip(names, probabilities)}}
+
+
+def mjere_record(words: Sequence[str], grid: np.ndarray, vocab: wordpair.GridVocab) -> dict:
+  """Entities and quintuples decoded from the predicted grid of the kept words."""
+  decoded = wordpair.decode_grid(grid, vocab)
+  return {"entities": [_words_at(words, *span, type=kind) for span, kind in decoded.entities],
+          "quintuples": [{"head": _words_at(words, *head, type=head_type),
+                          "tail": _words_at(words, *tail, type=tail_type), "relation": relation}
+                         for head, head_type, tail, tail_type, relation in decoded.quintuples]}
 
 
 class Predictor:
@@ -196,10 +259,6 @@ class Predictor:
   def __init__(self, exported: export.ExportedModel, *, batch_size: int | None = None,
                missing_context: str = "error", missing_image: str = "error",
                explain_permutations: int = 256, seed: int = 0):
-    task = export.data_task(exported.config)
-    if task != "mner":
-      raise NotImplementedError(f"{exported.directory}: prediction for task {task!r} is not "
-                                "implemented yet (only mner)")
     if missing_context not in MISSING_CONTEXT_MODES:
       raise ValueError(f"missing_context={missing_context!r}; expected {MISSING_CONTEXT_MODES}")
     if missing_image not in images.MISSING_IMAGE_MODES:
@@ -213,6 +272,7 @@ class Predictor:
     self.seed = seed
     self.encoder = exported.encoder()
     self.image_processor = exported.image_processor()
+    self.grid_vocab = exported.grid_vocab() if exported.task == "mjere" else None
 
   # -- input checks that depend on the model
 
@@ -220,6 +280,8 @@ class Predictor:
     counts = {"missing_context": 0, "contexts_ignored": 0, "images_ignored": 0}
     for q in queries:
       e = q.example
+      if self.exported.task == "mre" and e.head is None:
+        raise DataFormatError(f"{e.source}: an mre model needs the entity pair ('head', 'tail')")
       if not self.encoder.uses_context:
         counts["contexts_ignored"] += e.context is not None
       elif e.context is None:
@@ -279,7 +341,8 @@ class Predictor:
           records[index]["explanation"] = _explanation(phi, batch, row, queries, b)
     truncated = [(q, r) for q, r in zip(queries, records) if r["truncated_words"]]
     for q, r in truncated:
-      logging.warning("%s: %d of %d words were cut off to fit %d tokens and are not tagged",
+      logging.warning("%s: %d of %d words were cut off to fit %d tokens; nothing is predicted "
+                      "for them",
                       q.example.source, r["truncated_words"], len(r["words"]),
                       self.exported.buckets[-1].tokens)
     seconds = time.perf_counter() - start
@@ -302,15 +365,19 @@ class Predictor:
 
   def _record(self, query: Query, out: dict[str, np.ndarray], batch: dict[str, np.ndarray],
               row: int) -> dict[str, Any]:
-    words = query.example.words
+    example = query.example
     n = int(batch["num_words"][row])
-    tag_ids = out["tags"][row, :n]
-    tags = [self.exported.labels[t] for t in tag_ids]
-    confidence = out["marginals"][row, np.arange(n), tag_ids]
-    return {"id": query.id, "words": list(words), "context": query.example.context,
-            "tags": tags + [None] * (len(words) - n),
-            "entities": entities(words, tags, confidence),
-            "truncated_words": len(words) - n}
+    prediction = out["prediction"][row]
+    record = {"id": query.id, "words": list(example.words), "context": example.context,
+              "truncated_words": len(example.words) - n}
+    if self.exported.task == "mner":
+      record |= mner_record(example.words, self.exported.labels, prediction[:n],
+                            out["marginals"][row])
+    elif self.exported.task == "mre":
+      record |= mre_record(example, self.exported.labels, out["probabilities"][row])
+    else:
+      record |= mjere_record(example.words, prediction[:n, :n], self.grid_vocab)
+    return record
 
 
 def _explanation(phi: np.ndarray, batch: dict[str, np.ndarray], row: int,
@@ -329,7 +396,7 @@ def _explanation(phi: np.ndarray, batch: dict[str, np.ndarray], row: int,
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m shapca_jax.predict",
-      description="Tag tweets with an exported Shap-CA model; JSON lines out.")
+      description="Predict with an exported Shap-CA model; JSON lines out.")
   parser.add_argument("--model", required=True, help="a folder written by shapca_jax.export")
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--input", help="JSONL file: {\"id\"?, \"words\"|\"text\", \"context\"?, "
@@ -337,6 +404,8 @@ def _parser() -> argparse.ArgumentParser:
   source.add_argument("--text", help="one text, split on white space")
   parser.add_argument("--context", help="context of --text, or of input lines without one")
   parser.add_argument("--image", help="image file of --text")
+  parser.add_argument("--head", help="mre, with --text: the head entity's words START:END")
+  parser.add_argument("--tail", help="mre, with --text: the tail entity's words START:END")
   parser.add_argument("--image_dir", help="folder of the input lines' images (default: the "
                                           "input file's folder)")
   parser.add_argument("--output", default="-", help="JSONL output file (default: stdout)")
@@ -351,13 +420,26 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _queries(args: argparse.Namespace) -> list[Query]:
+def _word_span(value: str | None, flag: str) -> list[int] | None:
+  if value is None:
+    return None
+  try:
+    start, end = (int(v) for v in value.split(":"))
+  except ValueError:
+    raise DataFormatError(f"{flag} {value!r}: expected START:END word indices") from None
+  return [start, end]
+
+
+def _queries(args: argparse.Namespace, task: str) -> list[Query]:
   if args.input is not None:
-    if args.image:
-      raise DataFormatError("--image goes with --text; input lines name their own 'image'")
-    return read_queries(args.input, default_context=args.context, image_dir=args.image_dir)
-  record = {"text": args.text, "context": args.context, "image": args.image}
-  return [parse_query({k: v for k, v in record.items() if v is not None}, "--text",
+    if args.image or args.head or args.tail:
+      raise DataFormatError("--image, --head and --tail go with --text; input lines carry "
+                            "their own 'image', 'head' and 'tail'")
+    return read_queries(args.input, task=task, default_context=args.context,
+                        image_dir=args.image_dir)
+  record = {"text": args.text, "context": args.context, "image": args.image,
+            "head": _word_span(args.head, "--head"), "tail": _word_span(args.tail, "--tail")}
+  return [parse_query({k: v for k, v in record.items() if v is not None}, "--text", task=task,
                       default_id=1)]
 
 
@@ -373,13 +455,13 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
   try:
-    queries = _queries(args)
-    predictor = Predictor(export.load_model(args.model), batch_size=args.batch_size,
+    exported = export.load_model(args.model)
+    queries = _queries(args, exported.task)
+    predictor = Predictor(exported, batch_size=args.batch_size,
                           missing_context=args.missing_context, missing_image=args.missing_image,
                           explain_permutations=args.explain_permutations, seed=args.seed)
     records, report = predictor.predict(queries, explain=args.explain)
-  except (DataFormatError, export.ExportError, FileNotFoundError, ValueError,
-          NotImplementedError) as err:
+  except (DataFormatError, export.ExportError, FileNotFoundError, ValueError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 1
   _write(records, args.output)

@@ -42,7 +42,8 @@ def write_finished_run(workdir: pathlib.Path, config, seed: int = 0):
   they differ from anything the model would load by itself. Returns them, as the oracle of
   what an export must hold.
   """
-  encoder = tokenization.Encoder(train.text_encoder_dir(config), "mner", "joint")
+  encoder = tokenization.Encoder(train.text_encoder_dir(config), export.data_task(config),
+                                 export.text_context(config))
   model, pretrained = train.build_model(config, encoder.tokenizer.vocab_size)
   shapes = export.param_shapes(model, encoder, export.buckets(config)[0])
   base = {**jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), **pretrained}

@@ -14,7 +14,8 @@ import optax
 import pytest
 from PIL import Image
 
-from shapca_jax import checkpoint, crf, export, metrics, predict, train
+from shapca_jax import checkpoint, crf, export, metrics, predict, train, wordpair
+from shapca_jax.data import labels
 from shapca_jax.data.errors import DataFormatError
 from shapca_jax.data.pipeline import BatchPipeline
 from shapca_jax.data.readers import Example
@@ -25,23 +26,23 @@ import train_fixtures
 TEST_TWEETS = 12
 
 
-def _reference_tags(config, workdir: pathlib.Path):
-  """Tags of the test split as the training code decodes them (eval_step on the run's own
-  pipeline, best params restored from its Orbax checkpoint), that decoding's F1 and the
-  examples."""
-  data = train.build_data(config, workdir)
+def _restored_state(config, workdir: pathlib.Path, data):
+  """The best params of a run restored from its Orbax checkpoint, as training evaluates them."""
   model, _ = train.build_model(config, data.vocab_size)
   batch = data.test.batch(0)
   shapes = jax.eval_shape(lambda r: model.init(r, batch)["params"], jax.random.key(0))
-  state = train.TrainState.create(apply_fn=model.apply, tx=optax.sgd(0.0),
-                                  params=checkpoint.restore_best(workdir, shapes))
+  return train.TrainState.create(apply_fn=model.apply, tx=optax.sgd(0.0),
+                                 params=checkpoint.restore_best(workdir, shapes))
+
+
+def _reference_tags(config, workdir: pathlib.Path):
+  """Tags of the test split as the training code decodes them (eval_step on the run's own
+  pipeline), that decoding's F1 and the examples."""
+  data = train.build_data(config, workdir)
+  state = _restored_state(config, workdir, data)
   eval_fn = jax.jit(train.eval_step)
-  tags = {}
-  for batch in data.test:
-    decoded = np.asarray(eval_fn(state, batch))
-    for row in np.flatnonzero(batch["valid"]):
-      n = int(batch["num_words"][row])
-      tags[int(batch["example_index"][row])] = [model.labels[t] for t in decoded[row, :n]]
+  tags = [list(np.asarray(labels.MNER_LABELS)[p.value[:p.num_words]])
+          for p in train.predict_split(eval_fn, state, data.test)]
   return tags, train.evaluate(eval_fn, state, data.test)["f1"], list(data.test.examples)
 
 
@@ -255,7 +256,7 @@ def test_explanations_are_the_shapley_values_of_the_context_text_games(tiny_run)
     ('{"text": "a b", "words": ["a", "b"]}', "expected exactly one of 'words'"),
     ('{"words": ["a", ""]}', "'words' must be a list of non-empty strings"),
     ('{"text": "   "}', "the sentence has no words"),
-    ('{"text": "a b", "contxt": "c"}', "unknown keys \\['contxt'\\]"),
+    ('{"text": "a b", "contxt": "c"}', "unknown keys \\['contxt'\\] for a mner model"),
     ('{"text": "a b", "context": 3}', "'context' must be a string"),
     ('{"id": "x", "text": "a b"}', "id 'x' was already used on line 1"),
 ])
@@ -264,6 +265,19 @@ def test_bad_input_lines_name_their_line(tmp_path, line, message):
   path.write_text('{"id": "x", "text": "fine line"}\n\n' + line + "\n")
   with pytest.raises(DataFormatError, match=f"in.jsonl:3: {message}"):
     predict.read_queries(path)
+
+
+def test_mre_lines_need_an_entity_pair_inside_the_sentence(tmp_path):
+  path = tmp_path / "in.jsonl"
+  path.write_text('{"text": "Obama met Merkel", "head": [0, 1], "tail": [2, 3]}\n'
+                  '{"text": "a b", "head": [0, 3], "tail": [1, 2]}\n')
+  with pytest.raises(DataFormatError, match="in.jsonl:2: 'head' must be a word span"):
+    predict.read_queries(path, task="mre")
+  path.write_text('{"text": "Obama met Merkel", "head": [0, 1]}\n')
+  with pytest.raises(DataFormatError, match="in.jsonl:1: 'tail' must be a word span"):
+    predict.read_queries(path, task="mre")
+  with pytest.raises(DataFormatError, match="in.jsonl:1: unknown keys \\['head'\\] for a mner"):
+    predict.read_queries(path, task="mner")
 
 
 @pytest.mark.slow
@@ -296,7 +310,7 @@ def test_over_long_text_is_truncated_and_reported(predictor, caplog):
   assert 0 < kept < len(words)
   assert None not in record["tags"][:kept] and record["tags"][kept:] == [None] * (80 - kept)
   assert report["text_truncated"] == 1
-  assert any("long.jsonl:7" in r.getMessage() and "not tagged" in r.getMessage()
+  assert any("long.jsonl:7" in r.getMessage() and "nothing is predicted" in r.getMessage()
              for r in caplog.records)
 
 
@@ -318,3 +332,51 @@ def test_images_are_read_and_a_missing_one_names_its_line(tmp_path, minilm_dir):
     predict.Predictor(exported).predict(queries)
   records, report = predict.Predictor(exported, missing_image="blank").predict(queries)
   assert report["blank_images"] == 1 and [len(r["tags"]) for r in records] == [2, 2]
+
+
+@pytest.fixture(scope="module")
+def tiny_relations(tmp_path_factory, shared_data_dir, minilm_dir):
+  root = tmp_path_factory.mktemp("relations")
+  return (train_fixtures.write_tiny_relations(shared_data_dir, root / "data", per_split=6),
+          train_fixtures.write_tiny_bert(root / "bert", minilm_dir))
+
+
+def _span_tuples(items):
+  return [((e["start"], e["end"]), e["type"]) for e in items]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["mre", "mjere"])
+def test_relation_predictions_equal_the_training_evaluation(tiny_relations, task, tmp_path):
+  config = train_fixtures.tiny_config(*tiny_relations, task=task)
+  test_export.write_finished_run(tmp_path / "run", config)
+  data = train.build_data(config, tmp_path / "run")
+  state = _restored_state(config, tmp_path / "run", data)
+  reference = train.predict_split(jax.jit(train.eval_step), state, data.test)
+  export.export_run(tmp_path / "run", tmp_path / "model")
+
+  examples = list(data.test.examples)
+  lines = []
+  for e in examples:
+    line = {"words": list(e.words), "context": e.context}
+    if task == "mre":
+      line |= {"head": [e.head.start, e.head.end], "tail": [e.tail.start, e.tail.end]}
+    lines.append(line)
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  assert predict.main(["--model", str(tmp_path / "model"), "--input", str(tmp_path / "in.jsonl"),
+                       "--output", str(tmp_path / "out.jsonl")]) == 0
+  records = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+  assert len(records) == len(examples)
+  if task == "mre":
+    assert [r["relation"] for r in records] == [labels.MNRE_RELATIONS[p.value] for p in reference]
+    for r in records:
+      assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+      assert r["confidence"] == max(r["probabilities"].values())
+    return
+  vocab = train.JmereScorer.fit(data.train.examples).vocab
+  for record, p in zip(records, reference):
+    decoded = wordpair.decode_grid(p.value[:p.num_words, :p.num_words], vocab)
+    assert _span_tuples(record["entities"]) == decoded.entities
+    assert [(*_span_tuples([q["head"]])[0], *_span_tuples([q["tail"]])[0], q["relation"])
+            for q in record["quintuples"]] == decoded.quintuples
+  assert any(r["quintuples"] for r in records)
