@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -41,6 +42,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from shapca_jax import checkpoint, train, wordpair
+from shapca_jax import config as config_lib
 from shapca_jax.data import images, readers, tokenization
 
 FORMAT_VERSION = 1
@@ -144,6 +146,28 @@ def param_shapes(model: nn.Module, encoder: tokenization.Encoder,
   return jax.eval_shape(lambda r: model.init(r, batch)["params"], jax.random.key(0))
 
 
+def _merged(defaults: dict[str, Any], stored: dict[str, Any],
+            prefix: str = "") -> tuple[dict[str, Any], list[str]]:
+  merged, filled = dict(stored), []
+  for key, default in defaults.items():
+    if key not in stored:
+      merged[key] = default
+      filled.append(prefix + key)
+    elif isinstance(default, dict) and isinstance(stored[key], dict):
+      merged[key], more = _merged(default, stored[key], f"{prefix}{key}.")
+      filled += more
+  return merged, filled
+
+
+def run_config(stored: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A run's stored config, with the keys added to the schema since the run took their
+  defaults (which reproduce the behaviour before those keys existed); they are logged."""
+  merged, filled = _merged(config_lib.default_config().to_dict(), stored)
+  if filled:
+    logging.warning("the run's config predates the keys %s; using their defaults", filled)
+  return ml_collections.ConfigDict(merged)
+
+
 def _read_json(path: pathlib.Path) -> Any:
   try:
     return json.loads(path.read_text(encoding="utf-8"))
@@ -184,7 +208,7 @@ def export_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
   if out_dir.exists() and not overwrite:
     raise ExportError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
   results = _read_json(results_path)
-  config = ml_collections.ConfigDict(results["config"])
+  config = run_config(results["config"])
   encoder_dir = train.text_encoder_dir(config)
   encoder = tokenization.Encoder(encoder_dir, data_task(config), text_context(config))
   model, pretrained = train.build_model(config, encoder.tokenizer.vocab_size)
@@ -219,6 +243,10 @@ def export_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
       info["head_follows_tail"] = sorted(_grid_vocab(config).head_follows_tail)
     (staging / MODEL_FILE).write_text(json.dumps(info, indent=1) + "\n")
     (staging / CONFIG_FILE).write_text(config.to_json(indent=1) + "\n")
+    # mkdtemp and safetensors create private files; a model folder is meant to be shared.
+    for path in staging.rglob("*"):
+      path.chmod(0o755 if path.is_dir() else 0o644)
+    staging.chmod(0o755)
     if out_dir.exists():
       shutil.rmtree(out_dir)
     staging.rename(out_dir)
@@ -316,7 +344,7 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
   if version != FORMAT_VERSION:
     raise ExportError(f"{directory / MODEL_FILE}: format_version {version!r}; this version of "
                       f"shapca_jax reads {FORMAT_VERSION}")
-  config = ml_collections.ConfigDict(_read_json(directory / CONFIG_FILE))
+  config = run_config(_read_json(directory / CONFIG_FILE))
   model = decode_architecture(info["architecture"], str(directory / MODEL_FILE))
   exported = ExportedModel(directory, model, {}, config, info)
   params_path = directory / PARAMS_FILE

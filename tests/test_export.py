@@ -1,6 +1,7 @@
 """Export of a run's best checkpoint into a model folder, and loading it without the run."""
 
 import json
+import logging
 import pathlib
 import shutil
 
@@ -11,6 +12,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from shapca_jax import checkpoint, export, train
+from shapca_jax import config as config_lib
 from shapca_jax.data import images, tokenization
 from shapca_jax.data.readers import Example
 from shapca_jax.models.bert import BertConfig
@@ -179,3 +181,15 @@ def test_architecture_round_trip():
   data["__class__"] = "os.system"
   with pytest.raises(export.ExportError, match="expected a shapca_jax class"):
     export.decode_architecture(data)
+
+
+def test_configs_of_older_runs_get_the_defaults_of_newer_keys(caplog):
+  stored = config_lib.default_config().to_dict()
+  del stored["pair_dim"], stored["align"]["tau_c"]
+  stored["batch_size"] = 7
+  with caplog.at_level(logging.WARNING):
+    config = export.run_config(stored)
+  assert config.batch_size == 7
+  assert config.pair_dim == config_lib.default_config().pair_dim
+  assert config.align.tau_c == config_lib.default_config().align.tau_c
+  assert "['align.tau_c', 'pair_dim']" in caplog.text
