@@ -215,3 +215,18 @@ def test_tokenizer_folder_errors(tmp_path, minilm_dir):
     Encoder(tmp_path, "mre")
   with pytest.raises(ValueError, match="text_context='both'"):
     Encoder(minilm_dir, "mner", text_context="both")
+
+
+def test_a_word_cut_mid_piece_is_dropped_whole(minilm_dir):
+  # "tweeting" is several pieces: a budget that ends inside a word must drop that word, never
+  # overrun the bucket (it used to give a negative context length and a broadcast error).
+  encoder = Encoder(minilm_dir, "mner")
+  words = ("unbelievably",) * 40
+  example = Example("x.jpg", words, "mem:1", tags=("O",) * 40, context="a caption")
+  pieces = encoder.pieces([example])[0]
+  per_word = len(pieces.text_ids) // 40
+  assert per_word > 1
+  fit = encoder.fit(pieces, Bucket(64, 64))
+  assert fit.text == fit.words * per_word <= 61 and fit.context == 61 - fit.text >= 0
+  row = encoder.row(example, pieces, Bucket(64, 64))
+  assert row["num_words"] == fit.words and row["attention_mask"].sum() <= 64

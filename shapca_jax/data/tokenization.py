@@ -239,7 +239,9 @@ class Encoder:
     """Truncation in `bucket`: the context gives way first, then the text (whole words kept)."""
     specials = 3 if self.uses_context else 2
     text = min(len(pieces.text_ids), bucket.tokens - specials)
-    words = min(int(np.sum(pieces.word_starts < text)), bucket.words)
+    # A word is kept only when all its pieces fit, so the text never outgrows the budget.
+    word_ends = np.append(pieces.word_starts[1:], len(pieces.text_ids))
+    words = min(int(np.sum(word_ends <= text)), bucket.words)
     if words < len(pieces.word_starts):
       text = int(pieces.word_starts[words]) if words else 0
     context = 0
