@@ -178,6 +178,7 @@ def _check_results(results: dict, workdir: pathlib.Path, data_dir: pathlib.Path,
   assert all(np.isfinite(v) for v in _losses(workdir).values())
 
 
+@pytest.mark.slow
 def test_mre_trains_evaluates_and_resumes(tiny_relations, tmp_path, monkeypatch):
   # Resumed numbers equal uninterrupted ones for MNER and MJERE; the loop is the same here.
   config = _relation_config(tiny_relations, "mre")
@@ -185,6 +186,7 @@ def test_mre_trains_evaluates_and_resumes(tiny_relations, tmp_path, monkeypatch)
   _check_results(results, tmp_path / "run", tiny_relations[0], "mre")
 
 
+@pytest.mark.slow
 def test_mjere_trains_evaluates_and_resumes_to_the_same_numbers(tiny_relations, tmp_path,
                                                                  monkeypatch):
   config = _relation_config(tiny_relations, "mjere")
