@@ -3,24 +3,7 @@
   python experiments/train_mjere.py --workdir workdirs/mjere [--config.KEY=VALUE ...]
 """
 
-import pathlib
-
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-
-from shapca_jax import launch
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(pathlib.Path(__file__).parent / "configs" / "mjere.py"),
-    "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/mjere", "Checkpoints and results go here.")
-
-
-def main(argv):
-  del argv
-  launch.run(_CONFIG.value, _WORKDIR.value)
-
+import entry
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.main("mjere.py", "workdirs/mjere")

@@ -3,24 +3,7 @@
   python experiments/train_twitter17.py --workdir workdirs/twitter17 [--config.KEY=VALUE ...]
 """
 
-import pathlib
-
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-
-from shapca_jax import launch
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(pathlib.Path(__file__).parent / "configs" / "twitter17.py"),
-    "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/twitter17", "Checkpoints and results go here.")
-
-
-def main(argv):
-  del argv
-  launch.run(_CONFIG.value, _WORKDIR.value)
-
+import entry
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.main("twitter17.py", "workdirs/twitter17")

@@ -29,6 +29,8 @@ def run(config, workdir: str) -> dict:
   results = train_and_evaluate(config, workdir)
   summary = {split: {k: round(results[split][k], 4) for k in ("precision", "recall", "f1")}
              for split in ("dev", "test")}
+  if "entity" in results["test"]:  # JMERE: entity scores beside the quintuple scores
+    summary["test_entity_f1"] = round(results["test"]["entity"]["f1"], 4)
   print(json.dumps({"workdir": workdir, "best_step": results["best_step"], **summary,
                     "steps_per_second": results["steps_per_second"],
                     "wall_seconds": round(results["wall_seconds"], 1)}))
