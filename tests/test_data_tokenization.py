@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from shapca_jax.data import contexts, labels, readers, tokenization
+from shapca_jax.data import labels, readers, tokenization
 from shapca_jax.data.labels import Quintuple, Span
 from shapca_jax.data.readers import Example
 from shapca_jax.data.tokenization import Bucket, Encoder
@@ -83,19 +83,6 @@ def test_marked_words_handles_nested_spans():
   assert marked.index == [1, 3, 6] and (marked.head, marked.tail) == (0, 2)
   same = tokenization.marked_words(["a"], Span(0, 1, ""), Span(0, 1, ""))
   assert same.words == ["<s>", "<o>", "a", "</o>", "</s>"]
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(minilm_dir):
-  transformers = pytest.importorskip("transformers")
-  return transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
-
-
-@pytest.fixture(scope="module")
-def twitter_valid(embedded_data_dir):
-  examples = readers.read_split("twitter2017", "valid", embedded_data_dir)
-  joined, _ = contexts.attach_contexts(examples, "twitter2017", "valid", embedded_data_dir, "blip2")
-  return joined
 
 
 def _every_word_has_a_piece(hf_tokenizer, example):
