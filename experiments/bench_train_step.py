@@ -402,18 +402,16 @@ def main() -> None:
   if args._child:
     print(json.dumps(_child(args._child, args.configs, args)))
     return
+  output = pathlib.Path(args.output or f"results/bench_train_step_{args.device}_{args.dtype}.json")
+  output.parent.mkdir(parents=True, exist_ok=True)  # fail before the long runs, not after
   results = []
   for name in args.configs.split(","):
     results.append(_run(name.strip(), args))
     print(_table(results[-1:]).splitlines()[-1], flush=True)
-  report = {"device": args.device, "dtype": args.dtype, "batch": args.batch,
-            "length": args.length, "words": args.words, "warmup": args.warmup,
-            "iters": args.iters, **_environment(args), "results": results}
-  print(_table(results))
-  output = pathlib.Path(args.output or f"results/bench_train_step_{args.device}_{args.dtype}.json")
-  output.parent.mkdir(parents=True, exist_ok=True)
-  output.write_text(json.dumps(report, indent=2))
-  print(f"wrote {output}")
+  settings = {k: getattr(args, k) for k in ("device", "dtype", "batch", "length", "words",
+                                            "warmup", "iters")}
+  output.write_text(json.dumps({**settings, **_environment(args), "results": results}, indent=2))
+  print(f"{_table(results)}\nwrote {output}")
 
 
 if __name__ == "__main__":
