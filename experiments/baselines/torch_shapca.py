@@ -476,8 +476,7 @@ def _linear_or_norm(name: str, module: nn.Module) -> FlaxLayout:
   return layout
 
 
-def _encoder_layout(model: nn.Module, top: str, config: BertConfig | VisionConfig,
-                    names: set[str]) -> FlaxLayout:
+def _encoder_layout(top: str, config: BertConfig | VisionConfig, names: set[str]) -> FlaxLayout:
   """The rules of ``shapca_jax.models.weights`` (Hugging Face name -> Flax path)."""
   layout = {}
   for rule in weights._rules(config):  # pylint: disable=protected-access
@@ -491,9 +490,9 @@ def flax_layout(model: ShapCATorch, text_config: BertConfig,
   """Where each parameter of ``model`` lives in the Flax params of ``ShapCA``, and how its
   array is laid out there (e.g. Linear weights [out, in] are Flax kernels [in, out])."""
   names = {name for name, _ in model.named_parameters()}
-  layout = _encoder_layout(model, "text_encoder", text_config, names)
+  layout = _encoder_layout("text_encoder", text_config, names)
   if vision_config is not None:
-    layout |= _encoder_layout(model, "image_encoder", vision_config, names)
+    layout |= _encoder_layout("image_encoder", vision_config, names)
   for name, module in model.named_modules():
     if name and name.split(".", 1)[0] not in ENCODER_MODULES + ("crf",):
       layout |= _linear_or_norm(name, module)
