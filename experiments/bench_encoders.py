@@ -23,30 +23,10 @@ import pathlib
 import platform
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 
 import numpy as np
 
-# A forward pass and the call that waits for its result.
-Runner = tuple[Callable[[], object], Callable[[object], None]]
-
-
-def _interleaved_times(runners: dict[str, Runner], warmup: int,
-                       iters: int) -> dict[str, list[float]]:
-  """Seconds per call of each (fn, sync) runner, alternating runners every iteration so that
-  load from other processes on a shared machine hits both sides alike."""
-  for fn, sync in runners.values():
-    for _ in range(warmup):  # compilation, allocator and thread-pool warm-up
-      sync(fn())
-  times: dict[str, list[float]] = {name: [] for name in runners}
-  for _ in range(iters):
-    for name, (fn, sync) in runners.items():
-      begin = time.perf_counter()
-      sync(fn())
-      times[name].append(time.perf_counter() - begin)
-  return times
-
+import timing  # experiments/ is on sys.path as the script dir
 
 def _summary(times: list[float]) -> dict[str, object]:
   return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
@@ -80,7 +60,7 @@ def _torch_model(encoder: str, folder: pathlib.Path):
   return model
 
 
-def _torch_runner(model, encoder: str, data: dict[str, np.ndarray], args) -> Runner:
+def _torch_runner(model, encoder: str, data: dict[str, np.ndarray], args) -> timing.Runner:
   import torch
 
   target = torch.device("cuda" if args.device == "gpu" else "cpu")
@@ -105,7 +85,7 @@ def _torch_runner(model, encoder: str, data: dict[str, np.ndarray], args) -> Run
 
 
 def _our_runner(encoder: str, folder: pathlib.Path | None, data: dict[str, np.ndarray],
-                args) -> Runner:
+                args) -> timing.Runner:
   import jax
   import jax.numpy as jnp
 
@@ -160,7 +140,7 @@ def _run(encoder: str, args) -> dict[str, object]:
                                    args)}
   if torch_model is not None:
     runners["pytorch_eager"] = _torch_runner(torch_model, encoder, data, args)
-  times = _interleaved_times(runners, args.warmup, args.iters)
+  times = timing.interleaved_times(runners, args.warmup, args.iters)
   result: dict[str, object] = {"encoder": encoder,
                                **{name: _summary(t) for name, t in times.items()}}
   if torch_model is None:

@@ -28,8 +28,8 @@ on GPU. ``--cpus N`` pins the run to N cores, and both sides size their thread p
 On GPU both sides use TF32 for float32 matmuls (JAX's default; ``allow_tf32`` in PyTorch).
 ``--peak_tflops`` (the accelerator's dense peak for the dtype) adds the MFU of our step,
 from XLA's FLOP count of the compiled step. Only numpy is imported at module level; the JAX
-side runs ``shapca_jax.train.train_step`` itself, so it needs what ``shapca_jax.train``
-imports (the data stack included).
+side runs ``shapca_jax.steps.train_step`` itself, which needs JAX, Flax, optax and
+ml_collections but not the data stack (TFDS, grain).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from bench_encoders import _interleaved_times  # experiments/ is on sys.path as the script dir
+import timing  # experiments/ is on sys.path as the script dir
 
 CONFIGS = ("tiny", "minilm", "bert-base", "bert-base-clip")
 TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -149,20 +149,19 @@ def _jax_params(model, batch, folder):
 
 
 def _jax_runner(model, params, batch, args) -> tuple[Callable, Callable, dict[str, Any]]:
-  """A donated, jitted ``train.train_step``; returns (step, sync, FLOP count info)."""
+  """A donated, jitted ``steps.train_step``; returns (step, sync, FLOP count info)."""
   import jax
   import jax.numpy as jnp
-  from shapca_jax import optim, train
+  from shapca_jax import optim, steps
 
   config = _default_config()
   tx = optim.make_optimizer(params, learning_rates=dict(config.learning_rate),
                             total_steps=args.total_steps, warmup_ratio=config.warmup_ratio,
                             weight_decay=config.weight_decay, grad_clip_norm=config.grad_clip_norm)
-  state = train.TrainState.create(apply_fn=model.apply, params=params, tx=tx).replace(
-      step=jnp.zeros((), jnp.int32))
+  state = steps.create_train_state(model, params, tx)
   batch = jax.device_put(batch)
   rng = jax.random.key(args.seed)
-  step_fn = jax.jit(functools.partial(train.train_step, align=config.align), donate_argnums=0)
+  step_fn = jax.jit(functools.partial(steps.train_step, align=config.align), donate_argnums=0)
   compiled = step_fn.lower(state, batch, rng).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -177,13 +176,13 @@ def _jax_runner(model, params, batch, args) -> tuple[Callable, Callable, dict[st
 
 def _torch_runner(torch_model, batch, args) -> tuple[Callable, Callable]:
   import torch
-  from shapca_jax import train
+  from shapca_jax import steps
   from baselines import torch_shapca
 
   config = _default_config()
   device = torch.device("cuda" if args.device == "gpu" else "cpu")
   trainer = torch_shapca.TorchTrainer(
-      torch_model.to(device), align=train.alignment_config(config.align),
+      torch_model.to(device), align=steps.alignment_config(config.align),
       learning_rates=dict(config.learning_rate), total_steps=args.total_steps,
       warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
       grad_clip_norm=config.grad_clip_norm,
@@ -305,7 +304,7 @@ def _run(name: str, args) -> dict[str, Any]:
     metrics = step()
     sync(metrics)
     first_loss[side] = float(metrics["loss"])
-  times = _interleaved_times(runners, args.warmup, args.iters)
+  times = timing.interleaved_times(runners, args.warmup, args.iters)
   result: dict[str, Any] = {"config": name, "first_step_loss": first_loss, **cost}
   for side, seconds in times.items():
     median = statistics.median(seconds)

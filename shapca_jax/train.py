@@ -24,7 +24,6 @@ import threading
 import time
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
-from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,9 +31,9 @@ import numpy as np
 import tqdm
 
 from shapca_jax import checkpoint
-from shapca_jax import losses
 from shapca_jax import metrics as metrics_lib
 from shapca_jax import optim
+from shapca_jax import steps
 from shapca_jax import wordpair
 from shapca_jax.config import validate_config
 from shapca_jax.data import builders, images, labels, readers, tokenization
@@ -43,9 +42,7 @@ from shapca_jax.data.readers import Example
 from shapca_jax.models import weights
 from shapca_jax.models.shapca import ShapCA
 
-Batch = dict[str, np.ndarray]
 Scores = dict[str, Any]
-TrainState = train_state.TrainState
 # The model's classes per task (mjere: the grid classes "none", entity types, relations).
 TASK_LABELS = {"mner": labels.MNER_LABELS, "mre": labels.MNRE_RELATIONS,
                "mjere": labels.GRID_LABELS}
@@ -167,7 +164,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
   return model, pretrained
 
 
-def init_params(model: ShapCA, pretrained: dict[str, Any], batch: Batch, rng: jax.Array):
+def init_params(model: ShapCA, pretrained: dict[str, Any], batch: steps.Batch, rng: jax.Array):
   """Random init of the new layers, pretrained weights for the encoders (shapes checked first)."""
   shapes = jax.eval_shape(lambda r: model.init(r, batch)["params"], rng)
   for name, tree in pretrained.items():
@@ -177,54 +174,6 @@ def init_params(model: ShapCA, pretrained: dict[str, Any], batch: Batch, rng: ja
       raise ValueError(f"pretrained {name} params do not fit the model: {got} vs {expected}")
   params = jax.jit(lambda r: model.init(r, batch)["params"])(rng)
   return {**params, **pretrained}
-
-
-# ----------------------------------------------------------------------------- steps
-
-
-def alignment_config(align: ml_collections.ConfigDict) -> losses.AlignmentConfig:
-  """The loss settings of ``config.align``; a direction pair is off when its lambda is 0."""
-  return losses.AlignmentConfig(
-      kind=align.kind, utility=align.utility, tau_u=align.tau_u, tau_c=align.tau_c,
-      num_permutations=align.num_permutations, antithetic=align.antithetic,
-      lambda_ct=0.0 if align.directions == "context_image" else align.lambda_ct,
-      lambda_ci=0.0 if align.directions == "context_text" else align.lambda_ci)
-
-
-def alignment(out: dict[str, jax.Array], batch: Batch, key: jax.Array,
-              align: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """L_align of METHOD §4 over the batch (zero when alignment is off)."""
-  if align.kind == "none":
-    return jnp.zeros((), jnp.float32), {}
-  return losses.alignment_loss(
-      out["text_vec"], out["context_vec"], out.get("image_vec"), key, alignment_config(align),
-      same_group=batch["image_group"], valid=batch["valid"])
-
-
-def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
-               align: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step; the step's randomness is ``rng`` folded with the step number."""
-  step_rng = jax.random.fold_in(rng, state.step)
-  dropout_rng, shapley_rng = jax.random.split(step_rng)
-  valid = batch["valid"].astype(jnp.float32)
-
-  def loss_fn(params):
-    out = state.apply_fn({"params": params}, batch, deterministic=False,
-                         rngs={"dropout": dropout_rng})
-    units = jnp.sum(out["task_units"] * valid)
-    task = jnp.sum(out["task_loss"] * valid) / jnp.maximum(units, 1.0)
-    align_loss, terms = alignment(out, batch, shapley_rng, align)
-    return task + align_loss, {"task_loss": task, "align_loss": align_loss, **terms}
-
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state = state.apply_gradients(grads=grads)
-  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-  return new_state, {"loss": loss, "grad_norm": grad_norm, **aux}
-
-
-def eval_step(state: TrainState, batch: Batch) -> jax.Array:
-  """The model's predictions for a batch (see ``ShapCA.predict``)."""
-  return state.apply_fn({"params": state.params}, batch, method=ShapCA.predict)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -305,7 +254,7 @@ def make_scorer(task: str, train_examples: Iterable[Example]) -> Scorer:
   return JmereScorer.fit(train_examples)
 
 
-def predict_split(eval_fn: Callable, state: TrainState,
+def predict_split(eval_fn: Callable, state: steps.TrainState,
                   pipeline: BatchPipeline) -> list[Prediction]:
   """``eval_fn`` over a split: one prediction per example, in example order."""
   predictions = {}
@@ -320,7 +269,7 @@ def predict_split(eval_fn: Callable, state: TrainState,
   return [predictions[i] for i in range(len(pipeline.examples))]
 
 
-def evaluate(eval_fn: Callable, state: TrainState, pipeline: BatchPipeline,
+def evaluate(eval_fn: Callable, state: steps.TrainState, pipeline: BatchPipeline,
              scorer: Optional[Scorer] = None) -> Scores:
   """The scores of one split, every example scored once.
 
@@ -417,16 +366,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       params, learning_rates=dict(config.learning_rate), total_steps=total_steps,
       warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
       grad_clip_norm=config.grad_clip_norm)
-  # A concrete int32 step (TrainState.create uses a Python 0) traces like a restored one.
-  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx).replace(
-      step=jnp.zeros((), jnp.int32))
+  state = steps.create_train_state(model, params, tx)
   del params, pretrained
 
   num_buckets = len(data.train.buckets)
 
-  step_fn = jax.jit(_traced_at_most(num_buckets, functools.partial(train_step, align=config.align)),
-                    donate_argnums=0)
-  eval_fn = jax.jit(eval_step)
+  step_fn = jax.jit(
+      _traced_at_most(num_buckets, functools.partial(steps.train_step, align=config.align)),
+      donate_argnums=0)
+  eval_fn = jax.jit(steps.eval_step)
   iterator = iter(data.train)
   metrics_log = workdir / METRICS_LOG
 

@@ -14,7 +14,7 @@ import optax
 import pytest
 from PIL import Image
 
-from shapca_jax import checkpoint, crf, export, metrics, predict, train, wordpair
+from shapca_jax import checkpoint, crf, export, metrics, predict, steps, train, wordpair
 from shapca_jax.data import labels
 from shapca_jax.data.errors import DataFormatError
 from shapca_jax.data.pipeline import BatchPipeline
@@ -31,7 +31,7 @@ def _restored_state(config, workdir: pathlib.Path, data):
   model, _ = train.build_model(config, data.vocab_size)
   batch = data.test.batch(0)
   shapes = jax.eval_shape(lambda r: model.init(r, batch)["params"], jax.random.key(0))
-  return train.TrainState.create(apply_fn=model.apply, tx=optax.sgd(0.0),
+  return steps.TrainState.create(apply_fn=model.apply, tx=optax.sgd(0.0),
                                  params=checkpoint.restore_best(workdir, shapes))
 
 
@@ -40,7 +40,7 @@ def _reference_tags(config, workdir: pathlib.Path):
   pipeline), that decoding's F1 and the examples."""
   data = train.build_data(config, workdir)
   state = _restored_state(config, workdir, data)
-  eval_fn = jax.jit(train.eval_step)
+  eval_fn = jax.jit(steps.eval_step)
   tags = [list(np.asarray(labels.MNER_LABELS)[p.value[:p.num_words]])
           for p in train.predict_split(eval_fn, state, data.test)]
   return tags, train.evaluate(eval_fn, state, data.test)["f1"], list(data.test.examples)
@@ -352,7 +352,7 @@ def test_relation_predictions_equal_the_training_evaluation(tiny_relations, task
   test_export.write_finished_run(tmp_path / "run", config)
   data = train.build_data(config, tmp_path / "run")
   state = _restored_state(config, tmp_path / "run", data)
-  reference = train.predict_split(jax.jit(train.eval_step), state, data.test)
+  reference = train.predict_split(jax.jit(steps.eval_step), state, data.test)
   export.export_run(tmp_path / "run", tmp_path / "model")
 
   examples = list(data.test.examples)

@@ -1,7 +1,7 @@
 """The PyTorch baseline (experiments/baselines/torch_shapca.py) against our JAX model.
 
 transformers' BertModel / CLIPVisionModel, pytorch-crf and a Python loop over permutations
-are an independent implementation of what ``ShapCA`` + ``train.train_step`` compute: with the
+are an independent implementation of what ``ShapCA`` + ``steps.train_step`` compute: with the
 same params, batch (from the real data layer) and permutations, and dropout off, the loss
 terms and gradients must agree, and so must the second step, which runs after one AdamW update.
 """
@@ -19,7 +19,7 @@ import pytest
 import torch
 import torchcrf
 
-from shapca_jax import optim, shapley, train
+from shapca_jax import optim, shapley, steps
 from shapca_jax.config import default_config
 from shapca_jax.data import contexts, labels, readers, tokenization
 from shapca_jax.data.pipeline import BatchPipeline
@@ -102,8 +102,8 @@ def _recording() -> optax.GradientTransformation:
 
 
 def _jax_permutations(rng, step, directions, num, k) -> dict[str, torch.Tensor]:
-  """The permutations ``train.train_step`` draws at ``step`` for each alignment direction."""
-  _, shapley_rng = jax.random.split(jax.random.fold_in(rng, step))
+  """The permutations ``steps.train_step`` draws at ``step`` for each alignment direction."""
+  _, shapley_rng = steps.step_rngs(rng, step)
   keys = jax.random.split(shapley_rng, len(directions))
   return {d: torch.tensor(np.asarray(shapley.sample_permutations(key, num, k)), dtype=torch.long)
           for d, key in zip(directions, keys)}
@@ -137,14 +137,13 @@ def test_train_steps_match_jax(bert, batches, use_image):
   config.align.num_permutations = 4
   tx = optax.chain(_recording(), optim.make_optimizer(params, learning_rates=LEARNING_RATES,
                                                       **OPTIMIZER))
-  state = train.TrainState.create(apply_fn=model.apply, params=params, tx=tx).replace(
-      step=jnp.zeros((), jnp.int32))
-  step_fn = jax.jit(functools.partial(train.train_step, align=config.align))
+  state = steps.create_train_state(model, params, tx)
+  step_fn = jax.jit(functools.partial(steps.train_step, align=config.align))
   rng = jax.random.key(7)
   directions = torch_shapca.DIRECTIONS if use_image else torch_shapca.DIRECTIONS[:2]
   permutations = {}
   trainer = torch_shapca.TorchTrainer(
-      torch_model, align=train.alignment_config(config.align), learning_rates=LEARNING_RATES,
+      torch_model, align=steps.alignment_config(config.align), learning_rates=LEARNING_RATES,
       sampler=lambda name, num, k: permutations[name], **OPTIMIZER)
 
   for step, batch in enumerate(feed):

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import chex
 import jax
 import numpy as np
 import pytest
@@ -93,23 +92,6 @@ def test_killed_run_resumes_to_the_same_numbers(tiny, uninterrupted, tmp_path):
   assert sorted(losses) == sorted(ref_losses)
   np.testing.assert_allclose([losses[s] for s in sorted(losses)],
                              [ref_losses[s] for s in sorted(ref_losses)], rtol=1e-5)
-
-
-def test_train_step_compiles_once_per_shape(tiny):
-  config = train_fixtures.tiny_config(*tiny)
-  data = train.build_data(config, pathlib.Path(config.data_dir).parent / "trace_check")
-  model, pretrained = train.build_model(config, data.vocab_size)
-  batch = data.train.batch(0)
-  params = train.init_params(model, pretrained, batch, jax.random.key(0))
-  import optax
-  state = train.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(1e-3))
-  chex.clear_trace_counter()
-  step = jax.jit(chex.assert_max_traces(
-      lambda s, b, r: train.train_step(s, b, r, align=config.align), n=1))
-  for i in range(3):
-    state, metrics = step(state, data.train.batch(i), jax.random.key(i))
-  assert np.isfinite(float(metrics["loss"]))
-  assert float(metrics["align_loss"]) > 0
 
 
 def test_bad_config_fails_before_any_work(tiny, tmp_path):

@@ -479,7 +479,7 @@ def _linear_or_norm(name: str, module: nn.Module) -> FlaxLayout:
 def _encoder_layout(top: str, config: BertConfig | VisionConfig, names: set[str]) -> FlaxLayout:
   """The rules of ``shapca_jax.models.weights`` (Hugging Face name -> Flax path)."""
   layout = {}
-  for rule in weights._rules(config):  # pylint: disable=protected-access
+  for rule in weights.hf_rules(config):
     prefix = f"{top}." if f"{top}.{rule.name}" in names else f"{top}.vision_model."
     layout[prefix + rule.name] = ((top,) + rule.path, rule.transform.to_flax)
   return layout

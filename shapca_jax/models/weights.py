@@ -69,40 +69,40 @@ _LAYOUTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class _Transform:
+class Transform:
   """How a PyTorch tensor becomes a Flax parameter, and the PyTorch shape a Flax shape implies."""
   to_flax: Callable[[np.ndarray], np.ndarray]
   torch_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
 
 
-_COPY = _Transform(lambda w: w, lambda s: s)
-_LINEAR = _Transform(lambda w: w.T, lambda s: s[::-1])  # [out, in] -> [in, out]
-_CONV = _Transform(lambda w: w.transpose(2, 3, 1, 0),  # OIHW -> HWIO
+_COPY = Transform(lambda w: w, lambda s: s)
+_LINEAR = Transform(lambda w: w.T, lambda s: s[::-1])  # [out, in] -> [in, out]
+_CONV = Transform(lambda w: w.transpose(2, 3, 1, 0),  # OIHW -> HWIO
                    lambda s: (s[3], s[2], s[0], s[1]))
 
 
-def _drop_leading_ones(n: int) -> _Transform:
-  return _Transform(lambda w: w.reshape(w.shape[n:]), lambda s: (1,) * n + s)
+def _drop_leading_ones(n: int) -> Transform:
+  return Transform(lambda w: w.reshape(w.shape[n:]), lambda s: (1,) * n + s)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Rule:
+class Rule:
   name: str  # tensor name inside the encoder prefix
   path: Path  # Flax parameter path
-  transform: _Transform
+  transform: Transform
 
 
-def _dense(name: str, path: Path, bias: bool = True) -> list[_Rule]:
-  rules = [_Rule(f"{name}.weight", path + ("kernel",), _LINEAR)]
-  return rules + [_Rule(f"{name}.bias", path + ("bias",), _COPY)] if bias else rules
+def _dense(name: str, path: Path, bias: bool = True) -> list[Rule]:
+  rules = [Rule(f"{name}.weight", path + ("kernel",), _LINEAR)]
+  return rules + [Rule(f"{name}.bias", path + ("bias",), _COPY)] if bias else rules
 
 
-def _norm(name: str, path: Path) -> list[_Rule]:
-  return [_Rule(f"{name}.weight", path + ("scale",), _COPY),
-          _Rule(f"{name}.bias", path + ("bias",), _COPY)]
+def _norm(name: str, path: Path) -> list[Rule]:
+  return [Rule(f"{name}.weight", path + ("scale",), _COPY),
+          Rule(f"{name}.bias", path + ("bias",), _COPY)]
 
 
-def _attention(names: Sequence[str], path: Path, qkv_bias: bool = True) -> list[_Rule]:
+def _attention(names: Sequence[str], path: Path, qkv_bias: bool = True) -> list[Rule]:
   """Rules for query, key, value and output projections named `names` in that order."""
   rules = []
   for name, ours in zip(names[:3], ("query", "key", "value")):
@@ -110,8 +110,8 @@ def _attention(names: Sequence[str], path: Path, qkv_bias: bool = True) -> list[
   return rules + _dense(names[3], path + ("attention", "out"))
 
 
-def _bert_rules(config: BertConfig) -> list[_Rule]:
-  rules = [_Rule(f"embeddings.{table}.weight", ("embeddings", table, "embedding"), _COPY)
+def _bert_rules(config: BertConfig) -> list[Rule]:
+  rules = [Rule(f"embeddings.{table}.weight", ("embeddings", table, "embedding"), _COPY)
            for table in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
   rules += _norm("embeddings.LayerNorm", ("embeddings", "layer_norm"))
   for i in range(config.num_hidden_layers):
@@ -125,12 +125,12 @@ def _bert_rules(config: BertConfig) -> list[_Rule]:
   return rules
 
 
-def _clip_rules(config: VisionConfig) -> list[_Rule]:
+def _clip_rules(config: VisionConfig) -> list[Rule]:
   rules = [
-      _Rule("embeddings.patch_embedding.weight", ("embeddings", "patch_embedding", "kernel"),
+      Rule("embeddings.patch_embedding.weight", ("embeddings", "patch_embedding", "kernel"),
             _CONV),
-      _Rule("embeddings.class_embedding", ("embeddings", "class_embedding"), _COPY),
-      _Rule("embeddings.position_embedding.weight", ("embeddings", "position_embedding"), _COPY),
+      Rule("embeddings.class_embedding", ("embeddings", "class_embedding"), _COPY),
+      Rule("embeddings.position_embedding.weight", ("embeddings", "position_embedding"), _COPY),
   ]
   rules += _norm("pre_layrnorm", ("pre_layernorm",))
   for i in range(config.num_hidden_layers):
@@ -143,13 +143,13 @@ def _clip_rules(config: VisionConfig) -> list[_Rule]:
   return rules + _norm("post_layernorm", ("final_norm",))
 
 
-def _vit_rules(config: VisionConfig) -> list[_Rule]:
+def _vit_rules(config: VisionConfig) -> list[Rule]:
   patch = ("embeddings", "patch_embedding")
   rules = [
-      _Rule("embeddings.patch_embeddings.projection.weight", patch + ("kernel",), _CONV),
-      _Rule("embeddings.patch_embeddings.projection.bias", patch + ("bias",), _COPY),
-      _Rule("embeddings.cls_token", ("embeddings", "class_embedding"), _drop_leading_ones(2)),
-      _Rule("embeddings.position_embeddings", ("embeddings", "position_embedding"),
+      Rule("embeddings.patch_embeddings.projection.weight", patch + ("kernel",), _CONV),
+      Rule("embeddings.patch_embeddings.projection.bias", patch + ("bias",), _COPY),
+      Rule("embeddings.cls_token", ("embeddings", "class_embedding"), _drop_leading_ones(2)),
+      Rule("embeddings.position_embeddings", ("embeddings", "position_embedding"),
             _drop_leading_ones(1)),
   ]
   for i in range(config.num_hidden_layers):
@@ -164,7 +164,10 @@ def _vit_rules(config: VisionConfig) -> list[_Rule]:
   return rules + (_dense("pooler.dense", ("pooler",)) if config.use_pooler else [])
 
 
-def _rules(config: EncoderConfig) -> list[_Rule]:
+def hf_rules(config: EncoderConfig) -> list[Rule]:
+  """Every tensor of a Hugging Face checkpoint of ``config``: its name below the encoder prefix,
+  its Flax parameter path and how its array is transformed (the one mapping that loading here
+  and the PyTorch baseline's parameter copy share)."""
   if isinstance(config, BertConfig):
     return _bert_rules(config)
   return _clip_rules(config) if config.family == "clip" else _vit_rules(config)
@@ -342,7 +345,7 @@ def load_hf_encoder(path: str | pathlib.Path, dtype: Any = jnp.float32,
   module = build_encoder(config, dtype, param_dtype, attention_implementation)
   shapes = {p: s.shape for p, s in _flatten(jax.eval_shape(
       module.init, jax.random.key(0), *_dummy_inputs(config))["params"]).items()}
-  rules = _rules(config)
+  rules = hf_rules(config)
   _check_rules_cover(rules, shapes)
 
   missing, misshaped = [], []
@@ -374,7 +377,7 @@ def _apply_overrides(config: EncoderConfig, overrides: Mapping[str, Any]) -> Enc
   return dataclasses.replace(config, **overrides)
 
 
-def _check_rules_cover(rules: Iterable[_Rule], shapes: Mapping[Path, Any]) -> None:
+def _check_rules_cover(rules: Iterable[Rule], shapes: Mapping[Path, Any]) -> None:
   mapped = {rule.path for rule in rules}
   if mapped != set(shapes):
     raise RuntimeError(f"weight mapping out of sync with the module: unmapped parameters "
