@@ -97,3 +97,19 @@ def tiny_config(data_dir: pathlib.Path, encoder_dir: pathlib.Path, task: str = "
   config.checkpoint_every_steps = 3
   config.progress_bar = False
   return config
+
+
+def write_mnre_with_images(source: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
+  """Every MNRE instance whose image is one of the real ones under ``source/mnre/images``, split
+  by split, with those images copied beside them and no context file: every example can get its
+  context from a generator that looks at its image."""
+  images = source / "mnre" / "images"
+  (target / "mnre").mkdir(parents=True)
+  shutil.copy(source / "mnre" / "ours_rel2id.json", target / "mnre" / "ours_rel2id.json")
+  for _, mnre_name, image_split in RELATION_SPLITS.values():
+    present = {p.name for p in (images / image_split).glob("*.jpg")}
+    instances = [line for line in (source / "mnre" / mnre_name).read_text().splitlines()
+                 if ast.literal_eval(line)["img_id"] in present]
+    (target / "mnre" / mnre_name).write_text("\n".join(instances) + "\n")
+    shutil.copytree(images / image_split, target / "mnre" / "images" / image_split)
+  return target
