@@ -84,6 +84,13 @@ def default_config() -> ml_collections.ConfigDict:
   config.grad_clip_norm = 1.0
   config.seed = 0
 
+  # Devices (shapca_jax/sharding.py): batch rows split over data x fsdp devices; fsdp > 1 also
+  # splits params and optimizer state. -1 takes every device the other axis leaves. batch_size
+  # and eval_batch_size are global (all processes together) and must split over the devices.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+
   # Bookkeeping.
   config.log_every_steps = 50
   config.checkpoint_every_steps = 200
@@ -143,6 +150,18 @@ def validate_config(config: Any) -> None:
   for key in _NON_NEGATIVE:
     if not flat[key] >= 0:
       raise ConfigError(f"config.{key}={flat[key]!r} must be >= 0")
+  for key in ("mesh.data", "mesh.fsdp"):
+    if not isinstance(flat[key], int) or isinstance(flat[key], bool) or not (
+        flat[key] == -1 or flat[key] >= 1):
+      raise ConfigError(f"config.{key}={flat[key]!r} must be -1 (all remaining devices) or an "
+                        "int >= 1")
+  if flat["mesh.data"] == -1 and flat["mesh.fsdp"] == -1:
+    raise ConfigError("only one of config.mesh.data and config.mesh.fsdp may be -1")
+  devices = flat["mesh.data"] * flat["mesh.fsdp"]
+  for key in ("batch_size", "eval_batch_size"):
+    if devices > 0 and flat[key] % devices:  # with a -1 size, train checks the device count
+      raise ConfigError(f"config.{key}={flat[key]} does not split over config.mesh.data x "
+                        f"config.mesh.fsdp = {devices} devices")
   if not 0 <= flat["warmup_ratio"] < 1:
     raise ConfigError(f"config.warmup_ratio={flat['warmup_ratio']!r} must be in [0, 1)")
   if not 0 <= flat["dropout_rate"] < 1:

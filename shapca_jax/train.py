@@ -33,6 +33,7 @@ import tqdm
 from shapca_jax import checkpoint
 from shapca_jax import metrics as metrics_lib
 from shapca_jax import optim
+from shapca_jax import sharding
 from shapca_jax import steps
 from shapca_jax import wordpair
 from shapca_jax.config import validate_config
@@ -48,8 +49,11 @@ TASK_LABELS = {"mner": labels.MNER_LABELS, "mre": labels.MNRE_RELATIONS,
                "mjere": labels.GRID_LABELS}
 RESULTS_FILE = "results.json"
 METRICS_LOG = "metrics.jsonl"
-# Keys that may change when a run is resumed: they steer bookkeeping, not the numbers.
-RESUME_IGNORE_KEYS = ("log_every_steps", "progress_bar", "eval_batch_size")
+# Keys that may change when a run is resumed: they steer bookkeeping, not the numbers (a run
+# may continue on another mesh: checkpoints restore onto any sharding).
+RESUME_IGNORE_KEYS = ("log_every_steps", "progress_bar", "eval_batch_size", "mesh.*")
+# Row fields that place an evaluated row in its split (see `predict_split`).
+ROW_FIELDS = ("example_index", "valid", "num_words")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -96,8 +100,14 @@ def text_encoder_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
       tokenization.default_tokenizer_dir())
 
 
-def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Data:
-  """TFDS records (prepared once under ``workdir/tfds``) -> grain batch pipelines."""
+def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+               mesh: Optional[jax.sharding.Mesh] = None) -> Data:
+  """TFDS records (prepared once under ``workdir/tfds``) -> grain batch pipelines.
+
+  ``config.batch_size`` and ``config.eval_batch_size`` are global: each process reads its
+  share of every global batch, the rows that ``mesh`` (default: all devices) puts on its own
+  devices.
+  """
   context_source = config.contexts if config.use_context else None
   text_context = config.text_context if config.use_context else "none"
   build_dir = workdir / "tfds"
@@ -109,7 +119,10 @@ def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Data
   if config.use_image:
     loader = _ImageLoader(images.ImageProcessor.from_checkpoint(config.image_encoder),
                           config.missing_image)
-  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+  shard_index, shard_count = sharding.process_batch_shard(mesh or sharding.make_mesh())
+  for key in ("batch_size", "eval_batch_size"):
+    if config[key] % shard_count:
+      raise ValueError(f"config.{key}={config[key]} does not split over {shard_count} processes")
   buckets = tuple(b for b in tokenization.DEFAULT_BUCKETS if b.tokens <= config.max_length)
   if not buckets:
     raise ValueError(f"config.max_length={config.max_length} is below the smallest bucket "
@@ -120,9 +133,10 @@ def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Data
                                    missing_context=config.missing_context)
     return BatchPipeline(
         examples, encoder, buckets=buckets, seed=config.seed,
-        batch_size=config.batch_size if train else config.eval_batch_size,
+        batch_size=(config.batch_size if train else config.eval_batch_size) // shard_count,
         shuffle=train, drop_remainder=train, num_epochs=config.num_epochs if train else 1,
-        image_loader=loader, image_dir=config.image_dir or None, **shard)
+        image_loader=loader, image_dir=config.image_dir or None, shard_index=shard_index,
+        shard_count=shard_count)
 
   return Data(pipeline("train", True), pipeline("valid", False), pipeline("test", False),
               vocab_size=encoder.tokenizer.vocab_size, blank_images=loader)
@@ -256,13 +270,21 @@ def make_scorer(task: str, train_examples: Iterable[Example]) -> Scorer:
 
 def predict_split(eval_fn: Callable, state: steps.TrainState,
                   pipeline: BatchPipeline) -> list[Prediction]:
-  """``eval_fn`` over a split: one prediction per example, in example order."""
+  """``eval_fn`` over a split: one prediction per example, in example order.
+
+  ``eval_fn(state, batch)`` returns the predictions of the rows of ``batch``, or (``mesh_eval_fn``)
+  a dict of the whole global batch: its predictions ``value`` and its ``ROW_FIELDS``.
+  """
   predictions = {}
   for batch in pipeline:
-    values = np.asarray(jax.device_get(eval_fn(state, batch)))
-    for row in np.flatnonzero(batch["valid"]):
-      predictions[int(batch["example_index"][row])] = Prediction(
-          values[row], int(batch["num_words"][row]))
+    out = jax.device_get(eval_fn(state, batch))
+    rows = out if isinstance(out, dict) else {"value": out, **{k: batch[k] for k in ROW_FIELDS}}
+    values = np.asarray(rows["value"])
+    for row in np.flatnonzero(rows["valid"]):
+      index = int(rows["example_index"][row])
+      if index in predictions:
+        raise RuntimeError(f"example {index} was evaluated twice")
+      predictions[index] = Prediction(values[row], int(rows["num_words"][row]))
   if len(predictions) != len(pipeline.examples):
     raise RuntimeError(f"evaluation scored {len(predictions)} of {len(pipeline.examples)} "
                        "examples")
@@ -282,6 +304,17 @@ def evaluate(eval_fn: Callable, state: steps.TrainState, pipeline: BatchPipeline
                        "scorer=make_scorer('mjere', train_examples)")
     scorer = score_mre if pipeline.encoder.task == "mre" else score_mner
   return scorer(list(pipeline.examples), predict_split(eval_fn, state, pipeline))
+
+
+def mesh_eval_fn(mesh: jax.sharding.Mesh, shardings: Any) -> Callable:
+  """An ``eval_fn`` for ``predict_split`` over ``mesh``: this process's rows in, the global
+  batch's predictions and row fields out, gathered once onto every process."""
+
+  def predict(state, batch):
+    return {"value": steps.eval_step(state, batch), **{k: batch[k] for k in ROW_FIELDS}}
+
+  jitted = sharding.jit_eval_step(predict, mesh, shardings)
+  return lambda state, batch: jitted(state, sharding.global_batch(batch, mesh))
 
 
 # ----------------------------------------------------------------------------- loop
@@ -348,10 +381,15 @@ def _append_jsonl(path: pathlib.Path, record: dict) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains, selects the best dev checkpoint, scores it on test; returns the results dict."""
   validate_config(config)
+  mesh = sharding.mesh_from_config(config)
+  for key in ("batch_size", "eval_batch_size"):
+    if config[key] % mesh.size:
+      raise ValueError(f"config.{key}={config[key]} does not split over the {mesh.size} devices "
+                       f"of config.mesh ({dict(mesh.shape)})")
   start_time = time.time()
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  data = build_data(config, workdir)
+  data = build_data(config, workdir, mesh)
   model, pretrained = build_model(config, data.vocab_size)
   scorer = make_scorer(config.task, data.train.examples)
   steps_per_epoch = data.train.report.batches_per_epoch
@@ -366,15 +404,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       params, learning_rates=dict(config.learning_rate), total_steps=total_steps,
       warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
       grad_clip_norm=config.grad_clip_norm)
-  state = steps.create_train_state(model, params, tx)
+  create_state = functools.partial(steps.create_train_state, model, tx=tx)
+  shardings = sharding.state_shardings(mesh, jax.eval_shape(create_state, params))
+  # The optimizer state is born sharded; only the params pass through one device first.
+  state = jax.jit(create_state, out_shardings=shardings)(sharding.shard(params, shardings.params))
   del params, pretrained
+  train_rng = sharding.shard(train_rng, sharding.replicated(mesh))
 
   num_buckets = len(data.train.buckets)
-
-  step_fn = jax.jit(
+  step_fn = sharding.jit_train_step(
       _traced_at_most(num_buckets, functools.partial(steps.train_step, align=config.align)),
-      donate_argnums=0)
-  eval_fn = jax.jit(steps.eval_step)
+      mesh, shardings)
+  eval_fn = mesh_eval_fn(mesh, shardings)
   iterator = iter(data.train)
   metrics_log = workdir / METRICS_LOG
 
@@ -382,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       workdir, config.to_dict(), save_every_steps=config.checkpoint_every_steps,
       keep_latest=config.keep_checkpoints, best_metric="f1",
       resume_ignore_keys=RESUME_IGNORE_KEYS) as ckpt:
-    restored = ckpt.restore_latest(state)
+    restored = ckpt.restore_latest(sharding.with_shardings(state, shardings))
     first_step = 0
     if restored is not None:
       state, first_step = restored.state, restored.step
@@ -396,7 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                     desc="train", unit="step", dynamic_ncols=True)
     timer = _StepTimer()
     for step in range(first_step + 1, total_steps + 1):
-      state, step_metrics = step_fn(state, next(iterator), train_rng)
+      state, step_metrics = step_fn(state, sharding.global_batch(next(iterator), mesh), train_rng)
       pending.append((step, step_metrics))
       if step == first_step + 1:  # the first step compiles: leave it out of the rate
         jax.block_until_ready(step_metrics)
