@@ -55,13 +55,13 @@ def generated(subset, image_bytes, tmp_path_factory):
   generate_contexts = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(generate_contexts)
   out = tmp_path_factory.mktemp("contexts") / "mnre_llava.jsonl"
-  with pytest.MonkeyPatch.context() as monkeypatch, fake.ChatServer(image_bytes,
-                                                                    fake.PROMPT) as server:
+  with pytest.MonkeyPatch.context() as monkeypatch:
     fake.isolate_env(monkeypatch)
-    status = generate_contexts.main([
-        "--images", str(subset[0] / "mnre" / "images"), "--out", str(out),
-        "--base_url", server.url, "--model", fake.MODEL, "--api_key_env", fake.KEY_ENV,
-        "--prompt", fake.PROMPT, "--timeout_s", "5", "--no_progress"])
+    with fake.ChatServer(image_bytes, fake.PROMPT) as server:
+      status = generate_contexts.main([
+          "--images", str(subset[0] / "mnre" / "images"), "--out", str(out),
+          "--base_url", server.url, "--model", fake.MODEL, "--api_key_env", fake.KEY_ENV,
+          "--prompt", fake.PROMPT, "--timeout_s", "5", "--no_progress"])
   assert status == 0
   return out
 
@@ -80,8 +80,8 @@ def test_subset_uses_only_the_real_images_in_every_split(subset, image_bytes):
 def run_train_mnre(workdir: pathlib.Path, contexts: pathlib.Path, data_dir: pathlib.Path,
                    encoder_dir: pathlib.Path) -> subprocess.CompletedProcess:
   flags = {"contexts": contexts, "data_dir": data_dir, "text_encoder": encoder_dir, **TRAIN_FLAGS}
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                                   os.environ.get("PYTHONPATH")]))}
+  python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+  env = {**os.environ, "PYTHONPATH": python_path}
   return subprocess.run(
       [sys.executable, str(TRAIN_MNRE), "--workdir", str(workdir),
        *(f"--config.{key}={value}" for key, value in flags.items())],
