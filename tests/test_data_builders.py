@@ -4,6 +4,7 @@
 import ast
 import dataclasses
 import json
+import re
 import shutil
 import sys
 
@@ -113,10 +114,27 @@ def test_custom_configs_for_jsonl_and_missing_contexts(raw_dir, build_dir, tmp_p
   with pytest.raises(DataFormatError, match="1 of 25 examples have no context"):
     builders.prepare("twitter2017", raw_dir, build_dir, str(path))
   builder = builders.prepare("twitter2017", raw_dir, build_dir, str(path), missing_context="empty")
-  assert builder.builder_config.name == "jsonl-gen_split-missing_empty"
+  assert re.fullmatch(r"jsonl-gen_split-[0-9a-f]{12}-missing_empty",
+                      builder.builder_config.name)
   loaded = builders.load_split("twitter2017", "valid", build_dir, str(path),
                                missing_context="empty")
   assert [e.context for e in loaded] == [None] + [f"ctx {e.image_id}" for e in examples[1:]]
+
+
+def test_a_rewritten_jsonl_is_prepared_again_not_read_from_the_old_records(raw_dir, tmp_path):
+  path, build_dir = tmp_path / "gen.jsonl", tmp_path / "build"
+
+  def write(prefix):
+    ids = {e.image_id for s in readers.SPLITS for e in readers.read_split("twitter2017", s,
+                                                                           raw_dir)}
+    path.write_text("".join(json.dumps({"image_id": i, "context": f"{prefix} {i}"}) + "\n"
+                            for i in sorted(ids)))
+
+  for prefix in ("first", "second"):
+    write(prefix)
+    builders.prepare("twitter2017", raw_dir, build_dir, str(path))
+    loaded = builders.load_split("twitter2017", "test", build_dir, str(path))
+    assert [e.context for e in loaded] == [f"{prefix} {e.image_id}" for e in loaded]
 
 
 def test_bad_raw_file_stops_the_build_with_its_line(raw_dir, build_dir, tmp_path):

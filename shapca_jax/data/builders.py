@@ -9,6 +9,7 @@ are written as array_record and read back with `tfds.data_source`.
 """
 
 import dataclasses
+import hashlib
 import os
 import pathlib
 from collections.abc import Sequence
@@ -43,7 +44,12 @@ class ContextConfig(tfds.core.BuilderConfig):
 def context_config(dataset: str, context_source: str | None,
                    missing_context: str = "error") -> ContextConfig | str:
   """The builder config for a context source: a built-in config's name, or a custom config for a
-  JSONL path or for `missing_context="empty"` (named `<source>-missing_empty`)."""
+  JSONL path or for `missing_context="empty"` (named `<source>-missing_empty`).
+
+  A JSONL config is named after the file and a fingerprint of its content
+  (`jsonl-<stem>-<sha256 prefix>`): records prepared from an earlier version of the file, or
+  from another file of the same name, are never read back in its place.
+  """
   if missing_context not in contexts.MISSING_CONTEXT:
     raise ValueError(f"missing_context={missing_context!r}; expected one of "
                      f"{contexts.MISSING_CONTEXT}")
@@ -52,12 +58,24 @@ def context_config(dataset: str, context_source: str | None,
   if builtin and missing_context == "error":
     return name
   if not builtin:
-    contexts.resolve_source(dataset, context_source)
+    source = contexts.resolve_source(dataset, context_source)
     name = "jsonl-" + pathlib.Path(context_source).stem.replace("{split}", "split")
+    name += "-" + _fingerprint(sorted({source.path("/", split) for split in readers.SPLITS}))
   if missing_context == "empty":
     name += "-missing_empty"
   return ContextConfig(name=name, context_source=context_source, missing_context=missing_context,
                        description=f"{context_source} contexts, missing ones {missing_context}")
+
+
+def _fingerprint(paths: Sequence[pathlib.Path]) -> str:
+  """A short hash of the files' names and bytes (a missing file counts as empty: the build
+  itself then reports it with its path)."""
+  digest = hashlib.sha256()
+  for path in paths:
+    digest.update(str(path).encode() + b"\0")
+    if path.is_file():
+      digest.update(path.read_bytes())
+  return digest.hexdigest()[:12]
 
 
 def _features(task: str) -> tfds.features.FeaturesDict:
