@@ -93,6 +93,18 @@ def state_shardings(mesh: Mesh, tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp_size)), tree)
 
 
+def create_sharded(create: Callable[[PyTree], PyTree], params: PyTree,
+                   mesh: Mesh) -> tuple[PyTree, PyTree]:
+  """``create(params)`` (e.g. a train state with its optimizer state) built on the mesh.
+
+  Returns the result on ``state_shardings`` and those shardings. Only ``params`` pass through
+  their current devices; what ``create`` adds (optimizer moments) is born sharded.
+  """
+  shardings = state_shardings(mesh, jax.eval_shape(create, params))
+  params = shard(params, state_shardings(mesh, params))
+  return jax.jit(create, out_shardings=shardings)(params), shardings
+
+
 def with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
   """``ShapeDtypeStruct``s of ``tree`` carrying ``shardings``: the target of a checkpoint restore,
   whatever mesh the checkpoint was written from."""

@@ -404,10 +404,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       params, learning_rates=dict(config.learning_rate), total_steps=total_steps,
       warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
       grad_clip_norm=config.grad_clip_norm)
-  create_state = functools.partial(steps.create_train_state, model, tx=tx)
-  shardings = sharding.state_shardings(mesh, jax.eval_shape(create_state, params))
-  # The optimizer state is born sharded; only the params pass through one device first.
-  state = jax.jit(create_state, out_shardings=shardings)(sharding.shard(params, shardings.params))
+  state, shardings = sharding.create_sharded(
+      functools.partial(steps.create_train_state, model, tx=tx), params, mesh)
   del params, pretrained
   train_rng = sharding.shard(train_rng, sharding.replicated(mesh))
 
