@@ -29,6 +29,10 @@ def test_defaults_with_a_data_dir_are_valid():
     ("dataset", "twitter2016", "dataset"),
     ("dataset", "mnre", "config.task='mner' does not fit config.dataset='mnre'"),
     ("task", "mjere", "config.task='mjere' does not fit config.dataset='twitter2017'"),
+    ("mesh.data", 0, "config.mesh.data=0"),
+    ("mesh.fsdp", -2, "config.mesh.fsdp=-2"),
+    ("mesh.data", 3, r"config.batch_size=16 does not split over config.mesh.data x "
+                     r"config.mesh.fsdp = 3 devices"),
 ])
 def test_impossible_values_name_the_key(key, value, pattern):
   config = _valid()
@@ -61,3 +65,15 @@ def test_each_task_with_its_dataset_is_valid(task, dataset):
   config = _valid()
   config.task, config.dataset = task, dataset
   validate_config(config)
+
+
+def test_mesh_sizes():
+  config = _valid()
+  config.mesh.data, config.mesh.fsdp = 2, 4
+  validate_config(config)  # 16 and 64 rows split over 8 devices
+  config.eval_batch_size = 60
+  with pytest.raises(ConfigError, match="config.eval_batch_size=60"):
+    validate_config(config)
+  config.mesh.data, config.mesh.fsdp = -1, -1
+  with pytest.raises(ConfigError, match="only one of config.mesh.data and config.mesh.fsdp"):
+    validate_config(config)

@@ -197,6 +197,31 @@ def test_shards_split_every_global_batch_and_agree_on_its_shape(mner_encoder, tw
                                   batch["image_group"])
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_two_processes_read_every_example_once_per_epoch(mner_encoder, twitter_valid, training):
+  # Each process reads its half of every global batch of 2 x 4 rows; together, per epoch,
+  # evaluation covers every example once and training every example once except each
+  # bucket's dropped remainder (fewer than 8 rows).
+  examples = twitter_valid[:101]
+  buckets = (Bucket(40, 32), Bucket(96, 64))
+  make = lambda shard: BatchPipeline(
+      examples, mner_encoder, batch_size=4, buckets=buckets, shuffle=training, seed=1,
+      num_epochs=2, drop_remainder=training, shard_index=shard, shard_count=2)
+  processes = [make(0), make(1)]
+  per_epoch = processes[0].report.batches_per_epoch
+  batches = [list(p) for p in processes]
+  assert len(batches[0]) == len(batches[1]) == 2 * per_epoch
+  sizes = processes[0].report.examples_per_bucket.values()
+  for epoch in range(2):
+    seen = [int(i) for shard in batches for batch in shard[epoch * per_epoch:][:per_epoch]
+            for i in batch["example_index"][batch["valid"]]]
+    assert len(seen) == len(set(seen))
+    if training:
+      assert len(examples) - len(seen) == sum(n % 8 for n in sizes)
+    else:
+      assert sorted(seen) == list(range(len(examples)))
+
+
 def test_a_shard_of_only_padding_rows_still_gets_a_batch(mner_encoder, twitter_valid):
   (batch,) = list(BatchPipeline(twitter_valid[:1], mner_encoder, batch_size=2, shard_index=1,
                                 shard_count=2))

@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -62,8 +63,13 @@ def test_run_trains_evaluates_and_writes_results(uninterrupted):
   assert (workdir / "checkpoints" / "best").is_dir()
 
 
-def test_killed_run_resumes_to_the_same_numbers(tiny, uninterrupted, tmp_path):
+def test_run_killed_on_four_devices_resumes_on_one_to_the_same_numbers(tiny, uninterrupted,
+                                                                       tmp_path):
+  # The killed run splits batches and params over data 2 x fsdp 2 devices: its checkpoints
+  # restore onto the single device of this process (the mesh may change on resume).
   config, reference_dir, reference = uninterrupted
+  on_four = ml_collections.ConfigDict(config.to_dict())
+  on_four.mesh.data, on_four.mesh.fsdp = 2, 2
   workdir = tmp_path / "killed"
   script = (
       "import json, sys\n"
@@ -71,8 +77,9 @@ def test_killed_run_resumes_to_the_same_numbers(tiny, uninterrupted, tmp_path):
       "from shapca_jax import train\n"
       "config = ml_collections.ConfigDict(json.loads(sys.argv[1]))\n"
       "train.train_and_evaluate(config, sys.argv[2])\n")
-  env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-  proc = subprocess.Popen([sys.executable, "-c", script, config.to_json(), str(workdir)], env=env,
+  env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  proc = subprocess.Popen([sys.executable, "-c", script, on_four.to_json(), str(workdir)], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   checkpoint_6 = workdir / "checkpoints" / "latest" / "6"
   deadline = time.time() + 300
