@@ -272,32 +272,56 @@ def _stacked_terms(game: Game):
   return jnp.concatenate(game.terms, axis=-1), lambda x: tuple(jnp.split(x, splits, axis=-1))
 
 
-def _walk_values(game: Game, perms: jax.Array) -> jax.Array:
-  """Prefix values [k, M, k_a] by walking all M permutations in step (one scan over positions).
+def _walked_orders(perms: jax.Array, positions: jax.Array, antithetic: bool):
+  """The orders walked and their inverses: the permutations, then their reverses if antithetic."""
+  if not antithetic:
+    return perms, positions
+  k = perms.shape[1]
+  return jnp.concatenate([perms, perms[:, ::-1]]), jnp.concatenate([positions, k - 1 - positions])
 
-  Each step gathers the joining players' terms and updates the running sums in place, so
-  only the values are written out: on CPU this streams several times less memory than
-  `_parallel_values`.
+
+def _walk_draws(game: Game, perms: jax.Array, positions: jax.Array, antithetic: bool,
+                per_draw: bool) -> jax.Array:
+  """Estimates summed per player, [k, M, k_a] per draw or [k, 1, k_a] over all draws (CPU).
+
+  One scan over positions walks all orders in step: each step adds the joining players'
+  terms to the running sums and scatter-adds their gains v(new) - v(old) to them, so no
+  [k, M, k_a] intermediate exists unless per-draw sums are asked for. At small k a call
+  costs the number of XLA ops run per step rather than arithmetic, hence v(old) is
+  recomputed instead of carried, and the orders need no inverse.
   """
+  num, k = perms.shape
+  orders, _ = _walked_orders(perms, positions, antithetic)
+  slots = num if per_draw else 1
+  draw = jnp.arange(orders.shape[0], dtype=orders.dtype) % num  # an order and its reverse share
+  weight = 0.5 if antithetic else 1.0
   stacked, unstack = _stacked_terms(game)
-  num = perms.shape[0]
-  carry = (jnp.zeros((num, stacked.shape[-1]), stacked.dtype), None, None)
-  if game.gram is not None:
-    # Running Gram rows of the members: the joining player's entry is x_t . (sum of members).
-    carry = carry[:1] + (jnp.zeros((num, game.num_players), stacked.dtype),
-                         jnp.zeros((num, 1), stacked.dtype))
+
+  def take(x, index):
+    return x.at[index].get(mode="promise_in_bounds")
 
   def step(carry, joining):
-    sums, gram_rows, sq_norm = carry
-    sums = sums + stacked[joining]
+    (sums, gram_rows, sq_norm), total = carry
+    new_sums, new_gram_rows, new_sq_norm = sums + take(stacked, joining), None, None
     if gram_rows is not None:
-      cross = jnp.take_along_axis(gram_rows, joining[:, None], axis=1)
-      sq_norm = sq_norm + 2 * cross + game.gram[joining, joining][:, None]
-      gram_rows = gram_rows + game.gram[joining]
-    values = game.value(unstack(sums), sq_norm)
-    return (sums, gram_rows, sq_norm), values
+      # Joining adds 2 x_t . (sum of members) + ||x_t||^2 to the squared norm of the sum.
+      cross = jnp.take_along_axis(gram_rows, joining[:, None], axis=1, mode="promise_in_bounds")
+      diagonal = game.gram.at[joining, joining].get(mode="promise_in_bounds")
+      new_sq_norm = sq_norm + 2 * cross + diagonal[:, None]
+      new_gram_rows = gram_rows + take(game.gram, joining)
+    gain = game.value(unstack(new_sums), new_sq_norm) - game.value(unstack(sums), sq_norm)
+    row = joining * slots + draw if per_draw else joining
+    total = total.at[row].add(weight * gain, mode="promise_in_bounds")
+    return ((new_sums, new_gram_rows, new_sq_norm), total), None
 
-  return jax.lax.scan(step, carry, perms.T)[1]
+  width = orders.shape[0]
+  state = (jnp.zeros((width, stacked.shape[-1]), stacked.dtype), None, None)
+  if game.gram is not None:
+    # Running Gram rows of the members: the joining player's entry is x_t . (sum of members).
+    state = state[:1] + (jnp.zeros((width, k), stacked.dtype), jnp.zeros((width, 1), stacked.dtype))
+  total = jnp.zeros((k * slots, game.num_anchors), stacked.dtype)
+  (_, total), _ = jax.lax.scan(step, (state, total), orders.T)
+  return total.reshape(k, slots, game.num_anchors)
 
 
 def _parallel_values(game: Game, perms: jax.Array) -> jax.Array:
@@ -316,27 +340,30 @@ def _parallel_values(game: Game, perms: jax.Array) -> jax.Array:
   return game.value(sums, sq_norm)
 
 
-def _prefix_values(game: Game, perms: jax.Array) -> jax.Array:
-  """v_j({pi_1..pi_t}) at [t, m, j] for the permutations perms [M, k]."""
-  return jax.lax.platform_dependent(perms, cpu=functools.partial(_walk_values, game),
-                                    default=functools.partial(_parallel_values, game))
-
-
-def _draw_estimates(game: Game, perms: jax.Array, positions: jax.Array,
-                    antithetic: bool) -> jax.Array:
-  """Per-draw Shapley estimates [k, M, k_a]: each player's marginal gain in its permutation.
-
-  With `antithetic`, draw m is the mean over permutation m and its reverse.
-  """
-  num, k = perms.shape
-  if antithetic:
-    perms = jnp.concatenate([perms, perms[:, ::-1]])
-    positions = jnp.concatenate([positions, k - 1 - positions])
-  gains = jnp.diff(_prefix_values(game, perms), axis=0, prepend=0)
-  draws = jnp.take_along_axis(gains, positions.T[..., None], axis=0)
+def _parallel_draws(game: Game, perms: jax.Array, positions: jax.Array, antithetic: bool,
+                    per_draw: bool) -> jax.Array:
+  """`_walk_draws` from the prefix values of all orders at once (GPU, TPU)."""
+  num = perms.shape[0]
+  orders, inverses = _walked_orders(perms, positions, antithetic)
+  gains = jnp.diff(_parallel_values(game, orders), axis=0, prepend=0)
+  draws = jnp.take_along_axis(gains, inverses.T[..., None], axis=0, mode="promise_in_bounds",
+                              wrap_negative_indices=False)
   if antithetic:
     draws = 0.5 * (draws[:, :num] + draws[:, num:])
-  return draws
+  return draws if per_draw else jnp.sum(draws, axis=1, keepdims=True)
+
+
+def _draws(game: Game, perms: jax.Array, positions: jax.Array, antithetic: bool,
+           per_draw: bool) -> jax.Array:
+  """Shapley estimates summed per player: [k, M, k_a] per draw, or [k, 1, k_a] over draws.
+
+  Draw m is each player's marginal gain in permutation m, with `antithetic` the mean over
+  permutation m and its reverse.
+  """
+  return jax.lax.platform_dependent(
+      perms, positions,
+      cpu=functools.partial(_walk_draws, game, antithetic=antithetic, per_draw=per_draw),
+      default=functools.partial(_parallel_draws, game, antithetic=antithetic, per_draw=per_draw))
 
 
 def _chunk_size(num: int, per_permutation: int) -> int:
@@ -357,7 +384,7 @@ def _estimate(game: Game, perms: jax.Array, positions: jax.Array, antithetic: bo
     raise ValueError(f"chunk_size={chunk} must divide the number of permutations {num}")
 
   def moments(p, q):
-    draws = _draw_estimates(game, p, q, antithetic)
+    draws = _draws(game, p, q, antithetic, per_draw=return_stderr)
     return draws.sum(axis=1), (jnp.square(draws).sum(axis=1) if return_stderr else None)
 
   if chunk == num:
