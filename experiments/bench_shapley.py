@@ -1,29 +1,34 @@
 """Benchmark: Monte Carlo Shapley values (shapca_jax.shapley) against NumPy and PyTorch.
 
-For each (k players = k anchors, M permutations) the default utility (softmax_expectation,
-tau = 0.1) is estimated from M permutations by
+For each (k players = k anchors, M permutations, d = 256) the default utility
+(softmax_expectation, tau = 0.1) is estimated from M permutations by
 
   ours          mc_shapley(sim, key, num_permutations=M, antithetic=False), jitted, timed
-                end to end (it also draws its permutations) after a warm-up call;
+                end to end (it also draws its permutations);
   ours_anti     the same with antithetic=True (M permutations plus their M reverses);
-  numpy         vectorised over permutations, chunked like ours to bound memory;
-  torch_loop    PyTorch eager, a Python loop over permutations (vectorised within one);
-  torch_vec     PyTorch vectorised over permutations (gather, cumsum, inverse gather),
-                chunked like ours;
-  torch_*_cuda  the two PyTorch versions on the GPU with --device gpu.
+  numpy         vectorised over permutations, chunked like ours to bound memory (CPU only);
+  torch_loop    PyTorch eager as a user writes it: the loop-invariant softmax weights once,
+                then a Python loop over permutations (gather, cumsum, divide, diff,
+                index_add_), vectorised over anchors;
+  torch_vec     PyTorch vectorised over permutations in memory-bounded chunks (gather,
+                cumsum, divide, diff, one index_add_ per chunk: no argsort, no inverse
+                gather);
+  *_cuda        the PyTorch versions on the GPU with --device gpu (JAX then runs on the GPU).
 
-The baselines receive ready permutations (they are not timed drawing them), the same ones
-ours draws, and their results are compared with ours on those permutations
-(`max_abs_diff`), so a fast but wrong version cannot pass unnoticed. Times are the minimum
-over interleaved rounds (robust to other processes on the machine), also as permutation-
-players per second (M k / time) and as ours' speed-up over each baseline.
+The baselines receive the permutations ours draws (they are not timed drawing them) and every
+result is compared with shapley_from_permutations on them (`max_abs_diff_*`), so a fast but
+wrong version cannot pass unnoticed. Contenders alternate call by call
+(`timing.interleaved_times`), so load from other processes hits all alike; the table shows
+medians. The torch loop is left out where one call would take more than --torch_loop_max_s.
+With --device gpu the table adds the memory bandwidth ours achieves: XLA's `bytes accessed`
+of the compiled call (compiled without permutation chunking, as XLA counts a loop body once)
+over its median time, and its share of --peak_gbps.
 
-  python experiments/bench_shapley.py --device cpu --output results/bench_shapley_cpu.json
-  python experiments/bench_shapley.py --device cpu --quick     # small sizes only
-  python experiments/bench_shapley.py --device cpu --sizes 32x64 --rounds 9  # one row
-  python experiments/bench_shapley.py --device gpu             # adds torch CUDA
+  python experiments/bench_shapley.py --cpus 1 --sizes 32x64            # the issue's row
+  python experiments/bench_shapley.py --cpus 1 --sizes 1024x256
+  python experiments/bench_shapley.py --device gpu --output results/bench_shapley_gpu.json
 
-torch is imported only when present; without it only ours and NumPy are timed.
+Imports only numpy, JAX, shapca_jax.shapley and (when present) torch.
 """
 
 from __future__ import annotations
@@ -34,21 +39,24 @@ import json
 import os
 import pathlib
 import platform
+import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
 
+import timing  # experiments/ is on sys.path as the script dir
+
 TAU = 0.1
 DIM = 256
-FULL_SIZES = [(k, m) for k in (16, 32, 128, 512, 1024) for m in (32, 256)] + [(32, 64)]
+GRID = [(k, m) for k in (16, 32, 128, 512, 1024) for m in (32, 256)]
+FULL_SIZES = GRID + [(32, 64)]
 QUICK_SIZES = [(16, 32), (32, 32), (32, 64), (128, 32)]
 # Vectorised baselines process permutations in chunks of at most this many gathered elements.
 CHUNK_ELEMENTS = 1 << 24
-# Above this many permutation-player-anchor triples, one call per round is enough.
-SINGLE_CALL_WORK = 1 << 22
-# From this many, two rounds are enough (each call takes seconds).
-LONG_WORK = 1 << 26
+# A turn of the interleaved timing lasts at least this long, or MAX_CALLS_PER_TURN calls.
+TURN_S = 2e-3
+MAX_CALLS_PER_TURN = 100
 
 
 def _similarities(k: int, seed: int) -> np.ndarray:
@@ -70,28 +78,29 @@ def numpy_vectorised(sim: np.ndarray, perms: np.ndarray) -> np.ndarray:
   phi = np.zeros_like(sim)
   for chunk in _chunks(perms, k):
     sums = np.cumsum(terms[chunk], axis=1)  # [c, k, 2 k_a], positions on axis 1
-    values = sums[..., :k] / sums[..., k:]
-    gains = np.diff(values, axis=1, prepend=0)
-    positions = np.argsort(chunk, axis=1)
+    gains = np.diff(sums[..., :k] / sums[..., k:], axis=1, prepend=0)
+    positions = np.argsort(chunk, axis=1)  # np.add.at would be far slower
     phi += np.take_along_axis(gains, positions[..., None], axis=1).sum(axis=0)
   return phi / len(perms)
 
 
 def torch_loop(sim, perms):
-  """What a PyTorch user writes first: a loop over permutations."""
+  """A Python loop over permutations, each vectorised over anchors."""
   import torch
 
+  k = sim.shape[0]
+  w = torch.exp((sim - sim.max(dim=0).values) / TAU)
+  terms = torch.cat([w * sim, w], dim=1)
   phi = torch.zeros_like(sim)
+  zero = torch.zeros_like(sim[:1])
   for perm in perms:
-    s = sim[perm]  # [k, k_a], players in permutation order
-    w = torch.exp((s - s.max(dim=0).values) / TAU)
-    values = torch.cumsum(w * s, dim=0) / torch.cumsum(w, dim=0)
-    phi[perm] += torch.diff(values, dim=0, prepend=torch.zeros_like(values[:1]))
+    sums = terms[perm].cumsum(dim=0)
+    phi.index_add_(0, perm, torch.diff(sums[:, :k] / sums[:, k:], dim=0, prepend=zero))
   return phi / len(perms)
 
 
 def torch_vectorised(sim, perms):
-  """All permutations at once (in memory-bounded chunks): gather, cumsum, inverse gather."""
+  """All permutations at once, in memory-bounded chunks."""
   import torch
 
   k = sim.shape[0]
@@ -99,30 +108,39 @@ def torch_vectorised(sim, perms):
   terms = torch.cat([w * sim, w], dim=1)
   phi = torch.zeros_like(sim)
   for chunk in _chunks(perms, k):
-    sums = torch.cumsum(terms[chunk], dim=1)
+    sums = terms[chunk].cumsum(dim=1)  # [c, k, 2 k_a], positions on axis 1
     values = sums[..., :k] / sums[..., k:]
     gains = torch.diff(values, dim=1, prepend=torch.zeros_like(values[:, :1]))
-    positions = torch.argsort(chunk, dim=1)
-    phi += torch.take_along_dim(gains, positions[..., None], dim=1).sum(dim=0)
+    phi.index_add_(0, chunk.reshape(-1), gains.reshape(-1, k))
   return phi / len(perms)
 
 
+def _repeated(fn: Callable[[], object], sync: Callable[[object], object],
+              calls: int) -> Callable[[], object]:
+  """fn called `calls` times, each waited for: latency per call, no overlap of calls."""
+  def run():
+    for _ in range(calls - 1):
+      sync(fn())
+    return fn()
+
+  return run
+
+
 class _Contender:
-  """One implementation bound to its inputs: run() returns a NumPy array of phi."""
+  """One implementation bound to its inputs: fn() computes phi, sync(out) waits for it."""
 
-  def __init__(self, name: str, call: Callable[[], object], to_numpy: Callable[[object], np.ndarray],
-               sync: Callable[[object], object]):
-    self.name, self.call, self.to_numpy, self.sync = name, call, to_numpy, sync
-    self.times: list[float] = []
+  def __init__(self, name: str, fn: Callable[[], object], sync: Callable[[object], object],
+               to_numpy: Callable[[object], np.ndarray]):
+    self.name, self.fn, self.sync, self.to_numpy = name, fn, sync, to_numpy
 
-  def timed(self, calls: int) -> None:
+  def seconds_once(self) -> float:
     begin = time.perf_counter()
-    for _ in range(calls):
-      self.sync(self.call())
-    self.times.append((time.perf_counter() - begin) / calls)
+    self.sync(self.fn())
+    return time.perf_counter() - begin
 
 
-def _contenders(sim_np, k: int, m: int, device: str, torch_loop_max: int):
+def _jax_contenders(sim_np, k: int, m: int, device: str):
+  """Ours (plain and antithetic), the reference phi on ours' permutations, and the input."""
   import jax
 
   from shapca_jax import shapley
@@ -130,74 +148,140 @@ def _contenders(sim_np, k: int, m: int, device: str, torch_loop_max: int):
   target = jax.devices(device)[0]
   sim = jax.device_put(sim_np, target)
   key = jax.device_put(jax.random.key(0), target)
-  perms_np = np.asarray(shapley.sample_permutations(key, m, k))
+  perms = shapley.sample_permutations(key, m, k)
+  reference = jax.jit(lambda s, p: shapley.shapley_from_permutations(
+      shapley.make_game(s, tau=TAU), p))(sim, perms)
   contenders = [
-      _Contender("ours", lambda: shapley.mc_shapley(sim, key, num_permutations=m, antithetic=False),
-                 np.asarray, jax.block_until_ready),
-      _Contender("ours_anti", lambda: shapley.mc_shapley(sim, key, num_permutations=m),
-                 np.asarray, jax.block_until_ready),
-      _Contender("numpy", lambda: numpy_vectorised(sim_np, perms_np), np.asarray, lambda x: x),
-  ]
-  if importlib.util.find_spec("torch") is not None:
-    import torch
-
-    torch_devices = ["cpu"] + (["cuda"] if device == "gpu" and torch.cuda.is_available() else [])
-    for torch_device in torch_devices:
-      suffix = "" if torch_device == "cpu" else "_cuda"
-      t_sim = torch.from_numpy(sim_np).to(torch_device)
-      t_perms = torch.from_numpy(perms_np.astype(np.int64)).to(torch_device)
-
-      def sync(x, torch_device=torch_device):
-        if torch_device == "cuda":
-          torch.cuda.synchronize()
-        return x
-
-      contenders.append(_Contender(f"torch_vec{suffix}", lambda s=t_sim, p=t_perms: torch_vectorised(s, p),
-                                   lambda x: x.cpu().numpy(), sync))
-      if m * k <= torch_loop_max:
-        contenders.append(_Contender(f"torch_loop{suffix}", lambda s=t_sim, p=t_perms: torch_loop(s, p),
-                                     lambda x: x.cpu().numpy(), sync))
-  reference = np.asarray(jax.jit(
-      lambda s, p: shapley.shapley_from_permutations(shapley.make_game(s, tau=TAU), p))(sim, perms_np))
-  return contenders, reference
+      _Contender(name, lambda anti=anti: shapley.mc_shapley(sim, key, num_permutations=m, tau=TAU,
+                                                            antithetic=anti),
+                 jax.block_until_ready, np.asarray)
+      for name, anti in (("ours", False), ("ours_anti", True))]
+  return contenders, np.asarray(reference), np.asarray(perms), (sim, key)
 
 
-def bench_size(k: int, m: int, device: str, rounds: int, torch_loop_max: int) -> dict[str, object]:
-  contenders, reference = _contenders(_similarities(k, seed=k), k, m, device, torch_loop_max)
-  row: dict[str, object] = {"k": k, "M": m, "d": DIM}
-  for c in contenders:  # warm-up (compilation) and agreement on the shared permutations
-    if c.name != "ours_anti":
-      row[f"max_abs_diff_{c.name}"] = float(np.max(np.abs(c.to_numpy(c.sync(c.call())) - reference)))
+def _torch_contenders(sim_np, perms_np, device: str, loop_max_s: float, notes: list[str]):
+  import torch
+
+  contenders = []
+  torch_devices = ["cpu"] if device == "cpu" else ["cuda"]
+  for torch_device in torch_devices:
+    suffix = "" if torch_device == "cpu" else "_cuda"
+    sim = torch.from_numpy(sim_np).to(torch_device)
+    perms = torch.from_numpy(perms_np.astype(np.int64)).to(torch_device)
+
+    def sync(x, torch_device=torch_device):
+      if torch_device == "cuda":
+        torch.cuda.synchronize()
+      return x
+
+    to_numpy = lambda x: x.cpu().numpy()
+    contenders.append(_Contender(f"torch_vec{suffix}", lambda s=sim, p=perms: torch_vectorised(s, p),
+                                 sync, to_numpy))
+    # One permutation, twice (the first warms up), predicts the loop over M.
+    loop_one = _Contender("", lambda s=sim, p=perms[:1]: torch_loop(s, p), sync, to_numpy)
+    loop_one.seconds_once()
+    predicted = loop_one.seconds_once() * len(perms_np)
+    if predicted <= loop_max_s:
+      contenders.append(_Contender(f"torch_loop{suffix}", lambda s=sim, p=perms: torch_loop(s, p),
+                                   sync, to_numpy))
     else:
-      c.sync(c.call())
-  calls = 1 if m * k * k >= SINGLE_CALL_WORK else max(1, SINGLE_CALL_WORK // (m * k * k) // 4)
-  if m * k * k >= LONG_WORK:
-    rounds = min(rounds, 2)
-  for _ in range(rounds):
-    for c in contenders:
-      c.timed(calls if not c.name.startswith("torch_loop") else max(1, calls // 8))
-  for c in contenders:
-    best = min(c.times)
-    row[f"{c.name}_s"] = best
-    row[f"{c.name}_perm_players_per_s"] = m * k / best
-  for c in contenders:
-    if not c.name.startswith("ours"):
-      row[f"speedup_vs_{c.name}"] = row[f"{c.name}_s"] / row["ours_s"]
+      notes.append(f"torch_loop{suffix} skipped: one call would take ~{predicted:.0f} s")
+  return contenders
+
+
+def _bytes_accessed(sim, key, m: int) -> float:
+  """XLA's estimate of the bytes ours moves, compiled with all permutations in one chunk."""
+  import jax
+
+  from shapca_jax import shapley
+
+  compiled = jax.jit(lambda s, key: shapley.mc_shapley(
+      s, key, num_permutations=m, tau=TAU, antithetic=False, chunk_size=m)).lower(sim, key).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["bytes accessed"])
+
+
+def _peak_bytes(sim, key, m: int) -> int:
+  """Arguments, outputs and temporaries of ours' compiled call (XLA's memory analysis)."""
+  import jax
+
+  from shapca_jax import shapley
+
+  compiled = jax.jit(lambda s, key: shapley.mc_shapley(
+      s, key, num_permutations=m, tau=TAU, antithetic=False)).lower(sim, key).compile()
+  memory = compiled.memory_analysis()
+  return int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+             + memory.temp_size_in_bytes)
+
+
+def bench_size(k: int, m: int, args) -> dict[str, object]:
+  sim_np = _similarities(k, seed=k)
+  contenders, reference, perms_np, (sim, key) = _jax_contenders(sim_np, k, m, args.device)
+  notes: list[str] = []
+  if args.device == "cpu":
+    contenders.append(_Contender("numpy", lambda: numpy_vectorised(sim_np, perms_np),
+                                 lambda x: x, np.asarray))
+  if importlib.util.find_spec("torch") is not None:
+    contenders += _torch_contenders(sim_np, perms_np, args.device, args.torch_loop_max_s, notes)
+  row: dict[str, object] = {"k": k, "M": m, "d": DIM, "notes": notes}
+  warm = {}
+  for c in contenders:  # compilation and warm-up, then agreement on the shared permutations
+    out = c.to_numpy(c.sync(c.fn()))
+    if c.name != "ours_anti":
+      row[f"max_abs_diff_{c.name}"] = float(np.max(np.abs(out - reference)))
+    warm[c.name] = c.seconds_once()
+  # A turn of a fast contender repeats its call for about TURN_S (at most MAX_CALLS_PER_TURN
+  # calls), so that it is not timed only right after a switch, when its thread pool has just
+  # gone idle; as many turns as fit in the time budget.
+  burst = {n: int(np.clip(TURN_S / t, 1, MAX_CALLS_PER_TURN)) for n, t in warm.items()}
+  iters = int(np.clip(args.seconds_per_size / sum(burst[n] * t for n, t in warm.items()),
+                      args.min_iters, args.max_iters))
+  times = timing.interleaved_times({c.name: (_repeated(c.fn, c.sync, burst[c.name]), c.sync)
+                                    for c in contenders}, warmup=0, iters=iters)
+  row["turns"], row["calls_per_turn"] = iters, burst
+  for name, seconds in times.items():
+    row[f"{name}_s"] = float(np.median(seconds)) / burst[name]
+  for name in times:
+    if not name.startswith("ours"):
+      row[f"speedup_vs_{name}"] = row[f"{name}_s"] / row["ours_s"]
+  row["ours_peak_bytes"] = _peak_bytes(sim, key, m)
+  if args.device == "gpu":
+    row["ours_bytes_accessed"] = _bytes_accessed(sim, key, m)
+    row["ours_gbps"] = row["ours_bytes_accessed"] / row["ours_s"] / 1e9
+    row["ours_peak_fraction"] = row["ours_gbps"] / args.peak_gbps
   return row
 
 
 def _format(rows: list[dict[str, object]]) -> str:
-  names = [c[:-2] for c in rows[0] if c.endswith("_s") and not c.endswith("per_s")]
-  header = f"{'k':>5} {'M':>4} " + " ".join(f"{n:>13}" for n in names)
-  lines = [header + "   speed-up of ours vs " + ", ".join(n for n in names if not n.startswith("ours"))]
+  """A markdown table: median times, speed-ups of ours, and bandwidth on GPU."""
+  names = []
   for r in rows:
-    times = " ".join(f"{r[f'{n}_s'] * 1e3:11.3f}ms" if f"{n}_s" in r else f"{'-':>13}" for n in names)
-    ratios = ", ".join(f"{r[f'speedup_vs_{n}']:.1f}x" if f"speedup_vs_{n}" in r else "-"
-                       for n in names if not n.startswith("ours"))
-    lines.append(f"{r['k']:>5} {r['M']:>4} {times}   {ratios}")
-  lines.append("permutation-players/s (ours): " + ", ".join(
-      f"k={r['k']},M={r['M']}: {r['ours_perm_players_per_s']:.3g}" for r in rows))
-  return "\n".join(lines)
+    names += [c[:-2] for c in r if c.endswith("_s") and c[:-2] not in names
+              and not c.endswith("_max_s")]
+  baselines = [n for n in names if not n.startswith("ours")]
+  gpu = "ours_gbps" in rows[0]
+  header = (["k", "M"] + [f"{n} (ms)" for n in names] + [f"ours vs {n}" for n in baselines]
+            + (["ours GB/s", "% of peak"] if gpu else []) + ["ours peak MiB"])
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for r in rows:
+    cells = [str(r["k"]), str(r["M"])]
+    cells += [f"{r[f'{n}_s'] * 1e3:.3g}" if f"{n}_s" in r else "skipped" for n in names]
+    cells += [f"{r[f'speedup_vs_{n}']:.1f}x" if f"speedup_vs_{n}" in r else "-" for n in baselines]
+    if gpu:
+      cells += [f"{r['ours_gbps']:.0f}", f"{100 * r['ours_peak_fraction']:.0f}%"]
+    cells.append(f"{r['ours_peak_bytes'] / 2**20:.1f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  notes = [f"k={r['k']}, M={r['M']}: {n}" for r in rows for n in r["notes"]]
+  return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _pin_cpus(cpus: int) -> None:
+  """Restrict this process to `cpus` cores before JAX and PyTorch start their thread pools."""
+  allowed = sorted(os.sched_getaffinity(0))
+  if not 0 < cpus <= len(allowed):
+    raise SystemExit(f"--cpus={cpus}: this process may use {len(allowed)} cores")
+  os.sched_setaffinity(0, allowed[:cpus])
 
 
 def main() -> None:
@@ -205,43 +289,59 @@ def main() -> None:
   parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
   parser.add_argument("--quick", action="store_true", help="small sizes only (a short CPU run)")
   parser.add_argument("--sizes", nargs="+", default=None, metavar="KxM",
-                      help="only these sizes, e.g. 32x64 1024x256")
-  parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-  parser.add_argument("--torch_loop_max", type=int, default=1 << 20,
-                      help="skip the torch loop above this many permutation-players")
-  parser.add_argument("--torch_threads", type=int, default=None,
-                      help="torch intra-op threads (default: torch's own choice)")
+                      help="only these sizes, e.g. 32x64 1024x256 (default: the k x M grid)")
+  parser.add_argument("--cpus", type=int, default=None,
+                      help="pin the run to this many cores; torch uses as many threads")
+  parser.add_argument("--seconds_per_size", type=float, default=None,
+                      help="timing budget per size (default: 4 on CPU, 1.5 on GPU)")
+  parser.add_argument("--min_iters", type=int, default=3)
+  parser.add_argument("--max_iters", type=int, default=2000)
+  parser.add_argument("--torch_loop_max_s", type=float, default=20.0,
+                      help="skip the torch loop where one call would take longer")
+  parser.add_argument("--peak_gbps", type=float, default=3350.0,
+                      help="the GPU's peak memory bandwidth (default: H100 SXM)")
   parser.add_argument("--output", type=pathlib.Path, default=None)
   args = parser.parse_args()
-  if args.torch_threads and importlib.util.find_spec("torch") is not None:
+  if args.seconds_per_size is None:
+    args.seconds_per_size = 4.0 if args.device == "cpu" else 1.5
+  if args.cpus:
+    _pin_cpus(args.cpus)
+  has_torch = importlib.util.find_spec("torch") is not None
+  if has_torch and args.cpus:
     import torch
 
-    torch.set_num_threads(args.torch_threads)
-
+    torch.set_num_threads(args.cpus)
+  # The repository root, for shapca_jax where the package is not installed.
+  sys.path.insert(1, str(pathlib.Path(__file__).resolve().parents[1]))
+  # JAX takes GPU memory as it needs it, leaving the rest to PyTorch.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   import jax
 
-  sizes = QUICK_SIZES if args.quick else FULL_SIZES
+  sizes = QUICK_SIZES if args.quick else (GRID if args.device == "gpu" else FULL_SIZES)
   if args.sizes:
     sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes]
-  load_before = os.getloadavg()[0]
-  rows = []
-  for k, m in sizes:
-    rows.append(bench_size(k, m, args.device, args.rounds, args.torch_loop_max))
-    print(f"k={k} M={m}: ours {rows[-1]['ours_s'] * 1e3:.3f} ms", flush=True)
-  print(_format(rows))
   output = args.output or pathlib.Path(f"results/bench_shapley_{args.device}.json")
   output.parent.mkdir(parents=True, exist_ok=True)
   meta = {"device": str(jax.devices(args.device)[0]), "jax": jax.__version__,
           "machine": platform.processor() or platform.machine(), "tau": TAU,
-          "utility": "softmax_expectation", "timing": "min over interleaved rounds",
-          "load_average_1min": [load_before, os.getloadavg()[0]]}
-  if importlib.util.find_spec("torch") is not None:
+          "utility": "softmax_expectation", "timing": "median over interleaved turns",
+          "cores_used": len(os.sched_getaffinity(0)), "command": " ".join(sys.argv),
+          "load_average_before": os.getloadavg(), "peak_gbps": args.peak_gbps}
+  if has_torch:
     import torch
 
     meta["torch"] = torch.__version__
     meta["torch_threads"] = torch.get_num_threads()
-  output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-  print(f"wrote {output}")
+  begin = time.perf_counter()
+  rows = []
+  for k, m in sizes:
+    rows.append(bench_size(k, m, args))
+    print(f"k={k} M={m}: ours {rows[-1]['ours_s'] * 1e3:.3f} ms", flush=True)
+    meta.update(load_average_after=os.getloadavg(), wall_s=time.perf_counter() - begin)
+    # Written after every size, so that a run cut short keeps what it measured.
+    output.write_text(json.dumps({"meta": meta, "rows": rows, "table": _format(rows)}, indent=2))
+  print(_format(rows))
+  print(f"wrote {output} ({meta['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":
