@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -111,8 +112,16 @@ def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   context_source = config.contexts if config.use_context else None
   text_context = config.text_context if config.use_context else "none"
   build_dir = workdir / "tfds"
-  builders.prepare(config.dataset, config.data_dir, build_dir, context_source,
-                   missing_context=config.missing_context)
+  prepare = functools.partial(builders.prepare, config.dataset, config.data_dir, build_dir,
+                              context_source, missing_context=config.missing_context)
+  if jax.process_count() == 1:
+    prepare()
+  else:  # process 0 writes the records; the others find them (on a shared workdir) or redo them
+    if jax.process_index() == 0:
+      prepare()
+    multihost_utils.sync_global_devices("shapca_jax: TFDS records prepared")
+    if jax.process_index() != 0:
+      prepare()
   encoder = tokenization.Encoder(text_encoder_dir(config), readers.TASKS[config.dataset],
                                  text_context)
   loader = None
@@ -374,6 +383,8 @@ def _check_finite(logged: list[tuple[int, dict]], last_saved: Optional[int]) -> 
 
 
 def _append_jsonl(path: pathlib.Path, record: dict) -> None:
+  if jax.process_index() != 0:  # every process holds the same replicated metrics
+    return
   with path.open("a") as f:
     f.write(json.dumps(record) + "\n")
 
@@ -488,7 +499,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if isinstance(scorer, JmereScorer):
     results["gold_grid_ceiling"] = {split: scorer.ceiling(list(getattr(data, pipe).examples))
                                     for split, pipe in (("dev", "valid"), ("test", "test"))}
-  (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+  if jax.process_index() == 0:
+    (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
   return results
 
 
