@@ -164,6 +164,9 @@ def _torch_contenders(sim_np, perms_np, device: str, loop_max_s: float, notes: l
 
   contenders = []
   torch_devices = ["cpu"] if device == "cpu" else ["cuda"]
+  if device == "gpu" and not torch.cuda.is_available():
+    notes.append("torch has no CUDA here: no PyTorch contenders")
+    torch_devices = []
   for torch_device in torch_devices:
     suffix = "" if torch_device == "cpu" else "_cuda"
     sim = torch.from_numpy(sim_np).to(torch_device)
