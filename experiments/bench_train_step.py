@@ -490,13 +490,15 @@ def main() -> None:
       args.output or f"results/bench_train_step_{args.device}_{args.dtype}{suffix}.json")
   output.parent.mkdir(parents=True, exist_ok=True)  # fail before the long runs, not after
   run, table = (_run_mesh, _mesh_table) if args.mesh else (_run, _table)
+  settings = {k: getattr(args, k) for k in ("device", "dtype", "batch", "length", "words",
+                                            "warmup", "iters", "mesh")}
+  environment = _environment(args)
   results = []
   for name in args.configs.split(","):
     results.append(run(name.strip(), args))
     print(table(results[-1:]).splitlines()[-1], flush=True)
-  settings = {k: getattr(args, k) for k in ("device", "dtype", "batch", "length", "words",
-                                            "warmup", "iters", "mesh")}
-  output.write_text(json.dumps({**settings, **_environment(args), "results": results}, indent=2))
+    # After every config, so that a run stopped early keeps the rows it measured.
+    output.write_text(json.dumps({**settings, **environment, "results": results}, indent=2))
   print(f"{table(results)}\nwrote {output}")
 
 
