@@ -15,6 +15,8 @@ loss and prediction (``ShapCA(task=...)``) and the host-side scorer (``make_scor
 Model selection always ranks the dev split's top-level ``f1``.
 """
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -346,22 +348,29 @@ def _traced_at_most(n: int, fn: Callable) -> Callable:
 
 
 class _StepTimer:
-  """Training steps per second, with compilation and evaluation left out."""
+  """Training steps per second, with compilation, evaluation and checkpoint writes left out;
+  the seconds of what was left out are kept by name (``excluded``)."""
 
   def __init__(self):
     self.steps, self._elapsed, self._since = 0, 0.0, None
+    self.excluded: dict[str, float] = collections.defaultdict(float)
 
   def start(self):
     self._since = time.perf_counter()
 
-  def pause(self):
-    if self._since is not None:
+  @contextlib.contextmanager
+  def excluding(self, name: str):
+    running = self._since is not None
+    if running:
       self._elapsed += time.perf_counter() - self._since
       self._since = None
-
-  def resume(self):
-    if self.steps or self._elapsed:
-      self.start()
+    began = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.excluded[name] += time.perf_counter() - began
+      if running:
+        self.start()
 
   def rate(self) -> float:
     elapsed = self._elapsed + (time.perf_counter() - self._since if self._since else 0.0)
@@ -463,16 +472,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           _append_jsonl(metrics_log, {"step": s, **values})
         bar.set_postfix(loss=f"{logged[-1][1]['loss']:.4f}", steps_per_s=f"{timer.rate():.2f}")
       if ckpt.should_save(step) or step == total_steps:
-        ckpt.save_latest(step, state, data_state=iterator.get_state(), rng=train_rng)
+        with timer.excluding("checkpoint"):
+          ckpt.save_latest(step, state, data_state=iterator.get_state(), rng=train_rng)
         last_saved = step
       if is_eval:
-        timer.pause()
-        dev = evaluate(eval_fn, state, data.valid, scorer)
+        with timer.excluding("evaluation"):
+          dev = evaluate(eval_fn, state, data.valid, scorer)
         _append_jsonl(metrics_log, {"step": step, "epoch": step / steps_per_epoch,
                                     "dev": _summary(dev)})
-        if ckpt.save_best(step, state.params, _summary(dev)):
-          best_dev = dev
-        timer.resume()
+        with timer.excluding("checkpoint"):
+          if ckpt.save_best(step, state.params, _summary(dev)):
+            best_dev = dev
         bar.write(f"step {step}: dev F1 {dev['f1']:.4f} (best {ckpt.best['value']:.4f} at step "
                   f"{ckpt.best['step']})")
     bar.close()
@@ -492,6 +502,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       "test": evaluate(eval_fn, best_state, data.test, scorer),
       "steps": total_steps,
       "steps_per_second": timer.rate() if timer.steps else None,
+      # Loop time outside the steps: evaluation of dev, and the calls that start checkpoint
+      # writes (device-to-host copies; the file writes then run in the background).
+      "seconds_outside_steps": {name: round(t, 2) for name, t in timer.excluded.items()},
       "wall_seconds": time.time() - start_time,
       "data": data.reports(),
       "config": config.to_dict(),

@@ -61,6 +61,9 @@ def test_run_trains_evaluates_and_writes_results(uninterrupted):
   assert sorted(losses) == list(range(1, 11))
   assert all(np.isfinite(v) for v in losses.values())
   assert (workdir / "checkpoints" / "best").is_dir()
+  # Two evaluations and checkpoint writes happened outside the timed steps.
+  assert set(results["seconds_outside_steps"]) == {"checkpoint", "evaluation"}
+  assert all(t > 0 for t in results["seconds_outside_steps"].values())
 
 
 def test_run_killed_on_four_devices_resumes_on_one_to_the_same_numbers(tiny, uninterrupted,
