@@ -495,7 +495,10 @@ class TrainCheckpointer:
     """
     manager.wait_until_finished()
     expected = self._requested.pop(manager.directory, None)
-    if expected is not None and expected not in manager.all_steps(read=True):
+    if expected is None:
+      return
+    manager.reload()  # what is on disk, not the manager's own record of what it started
+    if expected not in manager.all_steps():
       raise CheckpointWriteError(f"the checkpoint of step {expected} was not written to "
                                  f"{manager.directory}; see the Orbax error logged above")
 
