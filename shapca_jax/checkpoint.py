@@ -249,7 +249,8 @@ def _manager(directory: epath.Path, *, read_only: bool, max_to_keep: Optional[in
       max_to_keep=max_to_keep, best_fn=best_fn, best_mode=best_mode,
       keep_checkpoints_without_metrics=best_metric is None,
       create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
-      enable_async_checkpointing=async_save)
+      enable_async_checkpointing=async_save,
+      save_interval_steps=0 if read_only else 1)  # Orbax warns when read_only keeps the default
   return ocp.CheckpointManager(directory, options=options)
 
 
