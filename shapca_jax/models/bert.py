@@ -97,10 +97,24 @@ class BertConfig:
       raise ValueError(f"{source}: {e}") from e
 
 
+class RowDense(nn.Dense):
+  """``nn.Dense`` applied to the rows of ``x`` flattened to 2-D (same params, same output).
+
+  The weight gradient of a 2-D matmul is one plain dot; for a [batch, length, in] input
+  XLA:CPU first transposes the activations and cotangents, which makes the layer's backward
+  pass about 1.5x slower at BERT-base size. GPUs and TPUs run both forms alike.
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    rows = super().__call__(x.reshape(-1, x.shape[-1]))
+    return rows.reshape(*x.shape[:-1], self.features)
+
+
 def dense(features: int, init_std: float, dtype: Dtype, param_dtype: Dtype, name: str,
           use_bias: bool = True) -> nn.Dense:
   """A Dense layer initialised like transformers: N(0, init_std) kernel, zero bias."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+  return RowDense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                   kernel_init=nn.initializers.normal(init_std), name=name)
 
 
