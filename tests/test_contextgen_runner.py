@@ -169,6 +169,22 @@ def complete_lines(path):
   return data.count(b"\n")
 
 
+def _wait_until_idle(server, quiet_s=0.5, timeout_s=30.0):
+  """Returns once the server has taken no new request and finished every one it took for
+  ``quiet_s``: requests a killed client had already sent can still reach a busy server's
+  handler threads after the kill, and must not be counted as the next run's."""
+  deadline = time.monotonic() + timeout_s
+  seen, since = -1, time.monotonic()
+  while time.monotonic() < deadline:
+    busy = len(server.log) != seen or any(a.end == 0.0 for a in server.log)
+    if busy:
+      seen, since = len(server.log), time.monotonic()
+    elif time.monotonic() - since >= quiet_s:
+      return
+    time.sleep(0.01)
+  raise AssertionError("the server never went idle after the kill")
+
+
 def test_killed_run_restarted_ends_with_every_id_once(tmp_path, image_dir, image_bytes):
   out = tmp_path / "contexts.jsonl"
   with fake.ChatServer(image_bytes, PROMPT, delay_s=0.1) as server:
@@ -192,6 +208,7 @@ def test_killed_run_restarted_ends_with_every_id_once(tmp_path, image_dir, image
     pending = sorted(set(image_bytes) - done)
     with open(out, "ab") as f:  # What a kill in the middle of a write leaves behind.
       f.write(json.dumps({"image_id": pending[0], "context": "half a con"}).encode()[:-5])
+    _wait_until_idle(server)
     requests_before = len(server.log)
     rerun = subprocess.run(args + ["--sort"], env=env, capture_output=True, text=True,
                            timeout=60)
