@@ -325,12 +325,9 @@ def _run(name: str, args) -> dict[str, Any]:
   times = timing.interleaved_times(runners, args.warmup, args.iters)
   result: dict[str, Any] = {"config": name, "first_step_loss": first_loss, **cost}
   for side, seconds in times.items():
-    median = statistics.median(seconds)
-    result[side] = {"median_s": median, "min_s": min(seconds), "steps_per_s": 1 / median,
-                    "examples_per_s": args.batch / median,
-                    "all_s": [round(s, 4) for s in seconds]}
+    result[side] = _speed(seconds, args.batch)
     if cost["xla_flops"]:
-      result[side]["achieved_tflops"] = cost["xla_flops"] / median / 1e12
+      result[side]["achieved_tflops"] = cost["xla_flops"] / result[side]["median_s"] / 1e12
   result["jax_speedup"] = result["pytorch_eager"]["median_s"] / result["jax"]["median_s"]
   if args.peak_tflops and cost["xla_flops"]:
     result["jax"]["mfu"] = result["jax"]["achieved_tflops"] / args.peak_tflops
@@ -338,6 +335,13 @@ def _run(name: str, args) -> dict[str, Any]:
     for side in runners:
       result[side]["memory"] = _memory(side, name, args)
   return result
+
+
+def _speed(seconds: list[float], batch: int) -> dict[str, Any]:
+  """One side's step times -> median, min, steps/s and examples/s (from the median)."""
+  median = statistics.median(seconds)
+  return {"median_s": median, "min_s": min(seconds), "steps_per_s": 1 / median,
+          "examples_per_s": batch / median, "all_s": [round(s, 4) for s in seconds]}
 
 
 def _parse_mesh(spec: str) -> tuple[int, int]:
@@ -378,10 +382,7 @@ def _run_mesh(name: str, args) -> dict[str, Any]:
                                                             loss_after["jax"]) /
                             abs(loss_after["jax"])}
   for side, seconds in times.items():
-    median = statistics.median(seconds)
-    result[side] = {"median_s": median, "min_s": min(seconds), "steps_per_s": 1 / median,
-                    "examples_per_s": args.batch / median,
-                    "all_s": [round(s, 4) for s in seconds]}
+    result[side] = _speed(seconds, args.batch)
   result["sharded_speed_ratio"] = result["jax"]["median_s"] / result["jax_sharded"]["median_s"]
   return result
 
