@@ -52,6 +52,15 @@ RELATION_SPLITS = {"train": ("train.json", "ours_train.txt", "train"),
 TINY_CONTEXTS = "minicpm"
 
 
+def _copy_lines_of_images(source: pathlib.Path, target: pathlib.Path, name: str,
+                          image_ids: set[str]) -> None:
+  """The lines of the MNRE-style file ``source/name`` (one dict literal per line) whose
+  ``img_id`` is in ``image_ids``, written to ``target/name``."""
+  lines = [line for line in (source / name).read_text().splitlines()
+           if ast.literal_eval(line)["img_id"] in image_ids]
+  (target / name).write_text("\n".join(lines) + "\n")
+
+
 def write_tiny_relations(source: pathlib.Path, target: pathlib.Path, per_split: int,
                          max_words: int = 30) -> pathlib.Path:
   """The first ``per_split`` JMERE samples of at most ``max_words`` words of each split, every
@@ -66,13 +75,9 @@ def write_tiny_relations(source: pathlib.Path, target: pathlib.Path, per_split: 
                if len(s["token"]) <= max_words][:per_split]
     (target / "jmere" / jmere_name).write_text(json.dumps(samples))
     image_ids = {s["img_id"] for s in samples}
-    instances = [line for line in (source / "mnre" / mnre_name).read_text().splitlines()
-                 if ast.literal_eval(line)["img_id"] in image_ids]
-    (target / "mnre" / mnre_name).write_text("\n".join(instances) + "\n")
-    context_name = f"{TINY_CONTEXTS}_{context_split}.txt"
-    contexts = [line for line in (source / "mnre" / "contexts" / context_name).read_text()
-                .splitlines() if ast.literal_eval(line)["img_id"] in image_ids]
-    (target / "mnre" / "contexts" / context_name).write_text("\n".join(contexts) + "\n")
+    _copy_lines_of_images(source, target, f"mnre/{mnre_name}", image_ids)
+    _copy_lines_of_images(source, target, f"mnre/contexts/{TINY_CONTEXTS}_{context_split}.txt",
+                          image_ids)
   return target
 
 
@@ -108,8 +113,6 @@ def write_mnre_with_images(source: pathlib.Path, target: pathlib.Path) -> pathli
   shutil.copy(source / "mnre" / "ours_rel2id.json", target / "mnre" / "ours_rel2id.json")
   for _, mnre_name, image_split in RELATION_SPLITS.values():
     present = {p.name for p in (images / image_split).glob("*.jpg")}
-    instances = [line for line in (source / "mnre" / mnre_name).read_text().splitlines()
-                 if ast.literal_eval(line)["img_id"] in present]
-    (target / "mnre" / mnre_name).write_text("\n".join(instances) + "\n")
+    _copy_lines_of_images(source, target, f"mnre/{mnre_name}", present)
     shutil.copytree(images / image_split, target / "mnre" / "images" / image_split)
   return target
