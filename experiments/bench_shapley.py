@@ -4,20 +4,22 @@ For each (k players = k anchors, M permutations, d = 256) the default utility
 (softmax_expectation, tau = 0.1) is estimated from M permutations by
 
   ours          mc_shapley(sim, key, num_permutations=M, antithetic=False), jitted, timed
-                end to end (it also draws its permutations);
+                end to end;
   ours_anti     the same with antithetic=True (M permutations plus their M reverses);
   numpy         vectorised over permutations, chunked like ours to bound memory (CPU only);
   torch_loop    PyTorch eager as a user writes it: the loop-invariant softmax weights once,
-                then a Python loop over permutations (gather, cumsum, divide, diff,
+                then a Python loop over permutations (randperm, gather, cumsum, divide, diff,
                 index_add_), vectorised over anchors;
   torch_vec     PyTorch vectorised over permutations in memory-bounded chunks (gather,
                 cumsum, divide, diff, one index_add_ per chunk: no argsort, no inverse
                 gather);
   *_cuda        the PyTorch versions on the GPU with --device gpu (JAX then runs on the GPU).
 
-The baselines receive the permutations ours draws (they are not timed drawing them) and every
-result is compared with shapley_from_permutations on them (`max_abs_diff_*`), so a fast but
-wrong version cannot pass unnoticed. Contenders alternate call by call
+Every contender draws its own M permutations inside the timed call, as its users would (ours
+with jax.random, NumPy with Generator.permuted, the torch loop with one torch.randperm per
+permutation, torch_vec by argsorting torch.rand). Each is also run once on the permutations
+ours draws and compared with shapley_from_permutations on them (`max_abs_diff_*`), so a fast
+but wrong version cannot pass unnoticed. Contenders alternate call by call
 (`timing.interleaved_times`), so load from other processes hits all alike; the table shows
 medians. The torch loop is left out where one call would take more than --torch_loop_max_s.
 With --device gpu the table adds the memory bandwidth ours achieves: XLA's `bytes accessed`
@@ -57,6 +59,8 @@ CHUNK_ELEMENTS = 1 << 24
 # A turn of the interleaved timing lasts at least this long, or MAX_CALLS_PER_TURN calls.
 TURN_S = 2e-3
 MAX_CALLS_PER_TURN = 100
+# Each contender's typical call time (which sets its turn's length) is the median over this.
+WARM_BUDGET_S = 0.02
 
 
 def _similarities(k: int, seed: int) -> np.ndarray:
@@ -71,8 +75,11 @@ def _chunks(perms, k: int):
   return [perms[i:i + size] for i in range(0, len(perms), size)]
 
 
-def numpy_vectorised(sim: np.ndarray, perms: np.ndarray) -> np.ndarray:
+def numpy_vectorised(sim: np.ndarray, perms, rng: np.random.Generator | None = None) -> np.ndarray:
+  """perms: the permutations [M, k], or their number M, then drawn with `rng`."""
   k = sim.shape[0]
+  if np.isscalar(perms):
+    perms = rng.permuted(np.tile(np.arange(k), (perms, 1)), axis=1)
   w = np.exp((sim - sim.max(axis=0)) / TAU)
   terms = np.concatenate([w * sim, w], axis=1)
   phi = np.zeros_like(sim)
@@ -85,10 +92,15 @@ def numpy_vectorised(sim: np.ndarray, perms: np.ndarray) -> np.ndarray:
 
 
 def torch_loop(sim, perms):
-  """A Python loop over permutations, each vectorised over anchors."""
+  """A Python loop over permutations, each vectorised over anchors.
+
+  perms: the permutations [M, k], or their number M, then each drawn by torch.randperm."""
   import torch
 
   k = sim.shape[0]
+  num = perms if isinstance(perms, int) else len(perms)
+  if isinstance(perms, int):
+    perms = (torch.randperm(k, device=sim.device) for _ in range(num))
   w = torch.exp((sim - sim.max(dim=0).values) / TAU)
   terms = torch.cat([w * sim, w], dim=1)
   phi = torch.zeros_like(sim)
@@ -96,14 +108,18 @@ def torch_loop(sim, perms):
   for perm in perms:
     sums = terms[perm].cumsum(dim=0)
     phi.index_add_(0, perm, torch.diff(sums[:, :k] / sums[:, k:], dim=0, prepend=zero))
-  return phi / len(perms)
+  return phi / num
 
 
 def torch_vectorised(sim, perms):
-  """All permutations at once, in memory-bounded chunks."""
+  """All permutations at once, in memory-bounded chunks.
+
+  perms: the permutations [M, k], or their number M, then drawn by argsorting torch.rand."""
   import torch
 
   k = sim.shape[0]
+  if isinstance(perms, int):
+    perms = torch.rand(perms, k, device=sim.device).argsort(dim=1)
   w = torch.exp((sim - sim.max(dim=0).values) / TAU)
   terms = torch.cat([w * sim, w], dim=1)
   phi = torch.zeros_like(sim)
@@ -127,16 +143,27 @@ def _repeated(fn: Callable[[], object], sync: Callable[[object], object],
 
 
 class _Contender:
-  """One implementation bound to its inputs: fn() computes phi, sync(out) waits for it."""
+  """One implementation bound to its inputs: fn() computes phi from permutations it draws,
+  check() from the permutations ours draws, sync(out) waits for either."""
 
   def __init__(self, name: str, fn: Callable[[], object], sync: Callable[[object], object],
-               to_numpy: Callable[[object], np.ndarray]):
+               to_numpy: Callable[[object], np.ndarray],
+               check: Callable[[], object] | None = None):
     self.name, self.fn, self.sync, self.to_numpy = name, fn, sync, to_numpy
+    self.check = check or fn
 
   def seconds_once(self) -> float:
     begin = time.perf_counter()
     self.sync(self.fn())
     return time.perf_counter() - begin
+
+  def seconds_typical(self, budget_s: float = WARM_BUDGET_S, max_calls: int = 50) -> float:
+    """Median seconds per call over up to `max_calls` calls or about `budget_s`: one call
+    alone can be many times slower (a thread pool waking up), and would set a turn too short."""
+    seconds = [self.seconds_once()]
+    while len(seconds) < max_calls and sum(seconds) < budget_s:
+      seconds.append(self.seconds_once())
+    return float(np.median(seconds))
 
 
 def _jax_contenders(sim_np, k: int, m: int, device: str):
@@ -178,15 +205,18 @@ def _torch_contenders(sim_np, perms_np, device: str, loop_max_s: float, notes: l
       return x
 
     to_numpy = lambda x: x.cpu().numpy()
-    contenders.append(_Contender(f"torch_vec{suffix}", lambda s=sim, p=perms: torch_vectorised(s, p),
-                                 sync, to_numpy))
+    m = len(perms_np)
+
+    def contender(name, fn, s=sim, p=perms):
+      return _Contender(name, lambda: fn(s, m), sync, to_numpy, check=lambda: fn(s, p))
+
+    contenders.append(contender(f"torch_vec{suffix}", torch_vectorised))
     # One permutation, twice (the first warms up), predicts the loop over M.
-    loop_one = _Contender("", lambda s=sim, p=perms[:1]: torch_loop(s, p), sync, to_numpy)
+    loop_one = _Contender("", lambda s=sim: torch_loop(s, 1), sync, to_numpy)
     loop_one.seconds_once()
-    predicted = loop_one.seconds_once() * len(perms_np)
+    predicted = loop_one.seconds_once() * m
     if predicted <= loop_max_s:
-      contenders.append(_Contender(f"torch_loop{suffix}", lambda s=sim, p=perms: torch_loop(s, p),
-                                   sync, to_numpy))
+      contenders.append(contender(f"torch_loop{suffix}", torch_loop))
     else:
       notes.append(f"torch_loop{suffix} skipped: one call would take ~{predicted:.0f} s")
   return contenders
@@ -223,17 +253,18 @@ def bench_size(k: int, m: int, args) -> dict[str, object]:
   contenders, reference, perms_np, (sim, key) = _jax_contenders(sim_np, k, m, args.device)
   notes: list[str] = []
   if args.device == "cpu":
-    contenders.append(_Contender("numpy", lambda: numpy_vectorised(sim_np, perms_np),
-                                 lambda x: x, np.asarray))
+    rng = np.random.default_rng(0)
+    contenders.append(_Contender("numpy", lambda: numpy_vectorised(sim_np, m, rng), lambda x: x,
+                                 np.asarray, check=lambda: numpy_vectorised(sim_np, perms_np)))
   if importlib.util.find_spec("torch") is not None:
     contenders += _torch_contenders(sim_np, perms_np, args.device, args.torch_loop_max_s, notes)
   row: dict[str, object] = {"k": k, "M": m, "d": DIM, "notes": notes}
   warm = {}
   for c in contenders:  # compilation and warm-up, then agreement on the shared permutations
-    out = c.to_numpy(c.sync(c.fn()))
+    out = c.to_numpy(c.sync(c.check()))
     if c.name != "ours_anti":
       row[f"max_abs_diff_{c.name}"] = float(np.max(np.abs(out - reference)))
-    warm[c.name] = c.seconds_once()
+    warm[c.name] = c.seconds_typical()
   # A turn of a fast contender repeats its call for about TURN_S (at most MAX_CALLS_PER_TURN
   # calls), so that it is not timed only right after a switch, when its thread pool has just
   # gone idle; as many turns as fit in the time budget.
