@@ -19,7 +19,8 @@ Every contender draws its own M permutations inside the timed call, as its users
 with jax.random, NumPy with Generator.permuted, the torch loop with one torch.randperm per
 permutation, torch_vec by argsorting torch.rand). Each is also run once on the permutations
 ours draws and compared with shapley_from_permutations on them (`max_abs_diff_*`), so a fast
-but wrong version cannot pass unnoticed. Contenders alternate call by call
+but wrong version cannot pass unnoticed. With --given_permutations every contender is timed
+on those permutations instead, ours through shapley_from_permutations: no draw is timed. Contenders alternate call by call
 (`timing.interleaved_times`), so load from other processes hits all alike; the table shows
 medians. The torch loop is left out where one call would take more than --torch_loop_max_s.
 With --device gpu the table adds the memory bandwidth ours achieves: XLA's `bytes accessed`
@@ -27,6 +28,7 @@ of the compiled call (compiled without permutation chunking, as XLA counts a loo
 over its median time, and its share of --peak_gbps.
 
   python experiments/bench_shapley.py --cpus 1 --sizes 32x64            # the issue's row
+  python experiments/bench_shapley.py --cpus 1 --sizes 32x64 --given_permutations
   python experiments/bench_shapley.py --cpus 1 --sizes 1024x256
   python experiments/bench_shapley.py --device gpu --output results/bench_shapley_gpu.json
 
@@ -166,8 +168,11 @@ class _Contender:
     return float(np.median(seconds))
 
 
-def _jax_contenders(sim_np, k: int, m: int, device: str):
-  """Ours (plain and antithetic), the reference phi on ours' permutations, and the input."""
+def _jax_contenders(sim_np, k: int, m: int, device: str, given: bool):
+  """Ours (plain and antithetic), the reference phi on ours' permutations, and the input.
+
+  With `given`, ours is timed on the permutations it drew beforehand (shapley_from_permutations).
+  """
   import jax
 
   from shapca_jax import shapley
@@ -176,17 +181,22 @@ def _jax_contenders(sim_np, k: int, m: int, device: str):
   sim = jax.device_put(sim_np, target)
   key = jax.device_put(jax.random.key(0), target)
   perms = shapley.sample_permutations(key, m, k)
-  reference = jax.jit(lambda s, p: shapley.shapley_from_permutations(
-      shapley.make_game(s, tau=TAU), p))(sim, perms)
-  contenders = [
-      _Contender(name, lambda anti=anti: shapley.mc_shapley(sim, key, num_permutations=m, tau=TAU,
-                                                            antithetic=anti),
-                 jax.block_until_ready, np.asarray)
-      for name, anti in (("ours", False), ("ours_anti", True))]
+  from_perms = jax.jit(lambda s, p, anti: shapley.shapley_from_permutations(
+      shapley.make_game(s, tau=TAU), p, antithetic=anti), static_argnums=2)
+  reference = from_perms(sim, perms, False)
+
+  def ours(anti):
+    if given:
+      return lambda: from_perms(sim, perms, anti)
+    return lambda: shapley.mc_shapley(sim, key, num_permutations=m, tau=TAU, antithetic=anti)
+
+  contenders = [_Contender(name, ours(anti), jax.block_until_ready, np.asarray)
+                for name, anti in (("ours", False), ("ours_anti", True))]
   return contenders, np.asarray(reference), np.asarray(perms), (sim, key)
 
 
-def _torch_contenders(sim_np, perms_np, device: str, loop_max_s: float, notes: list[str]):
+def _torch_contenders(sim_np, perms_np, device: str, loop_max_s: float, given: bool,
+                      notes: list[str]):
   import torch
 
   contenders = []
@@ -208,7 +218,8 @@ def _torch_contenders(sim_np, perms_np, device: str, loop_max_s: float, notes: l
     m = len(perms_np)
 
     def contender(name, fn, s=sim, p=perms):
-      return _Contender(name, lambda: fn(s, m), sync, to_numpy, check=lambda: fn(s, p))
+      return _Contender(name, lambda: fn(s, p if given else m), sync, to_numpy,
+                        check=lambda: fn(s, p))
 
     contenders.append(contender(f"torch_vec{suffix}", torch_vectorised))
     # One permutation, twice (the first warms up), predicts the loop over M.
@@ -250,14 +261,18 @@ def _peak_bytes(sim, key, m: int) -> int:
 
 def bench_size(k: int, m: int, args) -> dict[str, object]:
   sim_np = _similarities(k, seed=k)
-  contenders, reference, perms_np, (sim, key) = _jax_contenders(sim_np, k, m, args.device)
+  contenders, reference, perms_np, (sim, key) = _jax_contenders(sim_np, k, m, args.device,
+                                                                args.given_permutations)
   notes: list[str] = []
   if args.device == "cpu":
     rng = np.random.default_rng(0)
-    contenders.append(_Contender("numpy", lambda: numpy_vectorised(sim_np, m, rng), lambda x: x,
-                                 np.asarray, check=lambda: numpy_vectorised(sim_np, perms_np)))
+    draws = perms_np if args.given_permutations else m
+    contenders.append(_Contender("numpy", lambda: numpy_vectorised(sim_np, draws, rng),
+                                 lambda x: x, np.asarray,
+                                 check=lambda: numpy_vectorised(sim_np, perms_np)))
   if importlib.util.find_spec("torch") is not None:
-    contenders += _torch_contenders(sim_np, perms_np, args.device, args.torch_loop_max_s, notes)
+    contenders += _torch_contenders(sim_np, perms_np, args.device, args.torch_loop_max_s,
+                                    args.given_permutations, notes)
   row: dict[str, object] = {"k": k, "M": m, "d": DIM, "notes": notes}
   warm = {}
   for c in contenders:  # compilation and warm-up, then agreement on the shared permutations
@@ -334,6 +349,8 @@ def main() -> None:
                       help="skip the torch loop where one call would take longer")
   parser.add_argument("--peak_gbps", type=float, default=3350.0,
                       help="the GPU's peak memory bandwidth (default: H100 SXM)")
+  parser.add_argument("--given_permutations", action="store_true",
+                      help="time every contender on ours' permutations, drawn beforehand")
   parser.add_argument("--output", type=pathlib.Path, default=None)
   args = parser.parse_args()
   if args.seconds_per_size is None:
