@@ -19,6 +19,8 @@ compiled afterwards, in the whole process; importing `shapca_jax.shapley` or
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Threefry-2x32 with 20 rounds (Salmon et al., SC 2011): the rotations of the two groups of
@@ -30,16 +32,13 @@ _PARITY = np.uint32(0x1BD11BDA)
 STRAIGHT_LINE_MIN_SIZE = 1 << 16
 
 
-def _rotate_left(v, distance: int):
-  import jax
-  return jax.lax.shift_left(v, np.uint32(distance)) | jax.lax.shift_right_logical(
-      v, np.uint32(32 - distance))
-
-
-def _group(x1, x2, rotations):
-  for distance in rotations:
+def _rounds(x1, x2, distances):
+  """Four Threefry rounds; `distances` is four rotation distances, static or traced uint32."""
+  for r in range(4):
+    distance = np.uint32(distances[r]) if isinstance(distances, tuple) else distances[r]
     x1 = x1 + x2
-    x2 = x1 ^ _rotate_left(x2, distance)
+    x2 = x1 ^ (jax.lax.shift_left(x2, distance)
+               | jax.lax.shift_right_logical(x2, np.uint32(32) - distance))
   return x1, x2
 
 
@@ -48,7 +47,7 @@ def threefry2x32(key1, key2, x1, x2):
   schedule = (key1, key2, key1 ^ key2 ^ _PARITY)
   x1, x2 = x1 + schedule[0], x2 + schedule[1]
   for group in range(5):
-    x1, x2 = _group(x1, x2, _ROTATIONS[group % 2])
+    x1, x2 = _rounds(x1, x2, _ROTATIONS[group % 2])
     x1 = x1 + schedule[(group + 1) % 3]
     x2 = x2 + schedule[(group + 2) % 3] + np.uint32(group + 1)
   return x1, x2
@@ -56,25 +55,16 @@ def threefry2x32(key1, key2, x1, x2):
 
 def threefry2x32_loop(key1, key2, x1, x2):
   """`threefry2x32` as a loop over its five groups of rounds (JAX's form on CPU)."""
-  import jax
-  import jax.numpy as jnp
-
   key1, key2, x1, x2 = jnp.broadcast_arrays(key1, key2, x1, x2)
   schedule = jnp.stack([key1, key2, key1 ^ key2 ^ _PARITY])
   rotations = jnp.asarray(_ROTATIONS, jnp.uint32)
 
-  def body(group, x):
-    x1, x2 = x
-    for r in range(4):
-      x1 = x1 + x2
-      distance = rotations[group % 2, r]
-      x2 = x1 ^ (jax.lax.shift_left(x2, distance)
-                 | jax.lax.shift_right_logical(x2, np.uint32(32) - distance))
-    x1 = x1 + schedule[(group + 1) % 3]
-    x2 = x2 + schedule[(group + 2) % 3] + (group + 1).astype(jnp.uint32)
-    return x1, x2
+  def group(index, x):
+    x1, x2 = _rounds(*x, rotations[index % 2])
+    return (x1 + schedule[(index + 1) % 3],
+            x2 + schedule[(index + 2) % 3] + (index + 1).astype(jnp.uint32))
 
-  return jax.lax.fori_loop(0, 5, body, (x1 + schedule[0], x2 + schedule[1]))
+  return jax.lax.fori_loop(0, 5, group, (x1 + schedule[0], x2 + schedule[1]))
 
 
 def install() -> bool:
