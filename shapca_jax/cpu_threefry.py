@@ -73,15 +73,15 @@ def install() -> bool:
   primitive or the lowering registry (nothing changes then)."""
   try:
     from jax.extend.random import threefry2x32_p
-    from jax.interpreters import mlir
-  except ImportError:
+    from jax.interpreters.mlir import lower_fun, register_lowering
+  except ImportError:  # also raised for a name the module lacks
     return False
-  straight = mlir.lower_fun(threefry2x32, multiple_results=True)
-  loop = mlir.lower_fun(threefry2x32_loop, multiple_results=True)
+  straight = lower_fun(threefry2x32, multiple_results=True)
+  loop = lower_fun(threefry2x32_loop, multiple_results=True)
 
   def lowering(ctx, *args):
     size = math.prod(ctx.avals_out[0].shape)
     return (straight if size >= STRAIGHT_LINE_MIN_SIZE else loop)(ctx, *args)
 
-  mlir.register_lowering(threefry2x32_p, lowering, platform="cpu")
+  register_lowering(threefry2x32_p, lowering, platform="cpu")
   return True
