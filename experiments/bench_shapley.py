@@ -20,9 +20,9 @@ with jax.random, NumPy with Generator.permuted, the torch loop with one torch.ra
 permutation, torch_vec by argsorting torch.rand). Each is also run once on the permutations
 ours draws and compared with shapley_from_permutations on them (`max_abs_diff_*`), so a fast
 but wrong version cannot pass unnoticed. With --given_permutations every contender is timed
-on those permutations instead, ours through shapley_from_permutations: no draw is timed. Contenders alternate call by call
-(`timing.interleaved_times`), so load from other processes hits all alike; the table shows
-medians. The torch loop is left out where one call would take more than --torch_loop_max_s.
+on those permutations instead, ours through shapley_from_permutations: no draw is timed.
+Contenders alternate call by call (`timing.interleaved_times`), so load from other processes
+hits all alike; the table shows medians. The torch loop is left out where one call would take more than --torch_loop_max_s.
 With --device gpu the table adds the memory bandwidth ours achieves: XLA's `bytes accessed`
 of the compiled call (compiled without permutation chunking, as XLA counts a loop body once)
 over its median time, and its share of --peak_gbps.
@@ -100,9 +100,10 @@ def torch_loop(sim, perms):
   import torch
 
   k = sim.shape[0]
-  num = perms if isinstance(perms, int) else len(perms)
   if isinstance(perms, int):
-    perms = (torch.randperm(k, device=sim.device) for _ in range(num))
+    num, perms = perms, (torch.randperm(k, device=sim.device) for _ in range(perms))
+  else:
+    num = len(perms)
   w = torch.exp((sim - sim.max(dim=0).values) / TAU)
   terms = torch.cat([w * sim, w], dim=1)
   phi = torch.zeros_like(sim)

@@ -17,6 +17,7 @@ compiled afterwards, in the whole process; importing `shapca_jax.shapley` or
 `shapca_jax.steps` calls it.
 """
 
+import functools
 import math
 
 import jax
@@ -25,7 +26,7 @@ import numpy as np
 
 # Threefry-2x32 with 20 rounds (Salmon et al., SC 2011): the rotations of the two groups of
 # four rounds, which alternate, and the key-schedule parity constant.
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_ROTATIONS = np.array(((13, 15, 26, 6), (17, 29, 16, 24)), np.uint32)
 _PARITY = np.uint32(0x1BD11BDA)
 
 # Draws of at least this many word pairs are hashed by straight-line code.
@@ -33,9 +34,9 @@ STRAIGHT_LINE_MIN_SIZE = 1 << 16
 
 
 def _rounds(x1, x2, distances):
-  """Four Threefry rounds; `distances` is four rotation distances, static or traced uint32."""
+  """Four Threefry rounds; `distances`: four uint32 rotation distances, static or traced."""
   for r in range(4):
-    distance = np.uint32(distances[r]) if isinstance(distances, tuple) else distances[r]
+    distance = distances[r]
     x1 = x1 + x2
     x2 = x1 ^ (jax.lax.shift_left(x2, distance)
                | jax.lax.shift_right_logical(x2, np.uint32(32) - distance))
@@ -57,7 +58,7 @@ def threefry2x32_loop(key1, key2, x1, x2):
   """`threefry2x32` as a loop over its five groups of rounds (JAX's form on CPU)."""
   key1, key2, x1, x2 = jnp.broadcast_arrays(key1, key2, x1, x2)
   schedule = jnp.stack([key1, key2, key1 ^ key2 ^ _PARITY])
-  rotations = jnp.asarray(_ROTATIONS, jnp.uint32)
+  rotations = jnp.asarray(_ROTATIONS)
 
   def group(index, x):
     x1, x2 = _rounds(*x, rotations[index % 2])
@@ -67,6 +68,7 @@ def threefry2x32_loop(key1, key2, x1, x2):
   return jax.lax.fori_loop(0, 5, group, (x1 + schedule[0], x2 + schedule[1]))
 
 
+@functools.cache  # steps and shapley both call it; one registration is enough
 def install() -> bool:
   """Lowers JAX's threefry2x32 primitive on CPU: straight-line code from
   STRAIGHT_LINE_MIN_SIZE words on, the loop below. False where this JAX does not expose the
