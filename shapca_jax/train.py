@@ -317,34 +317,65 @@ def evaluate(eval_fn: Callable, state: steps.TrainState, pipeline: BatchPipeline
   return scorer(list(pipeline.examples), predict_split(eval_fn, state, pipeline))
 
 
-def mesh_eval_fn(mesh: jax.sharding.Mesh, shardings: Any) -> Callable:
+# ----------------------------------------------------------------------------- compilation
+
+
+def _buckets_of(pipeline: BatchPipeline, batch_indices: Iterable[int]) -> list[int]:
+  """The buckets, smallest first, that the batches ``batch_indices`` of ``pipeline`` fall in."""
+  return sorted({pipeline.bucket_index(i) for i in batch_indices})
+
+
+def _batch_key(batch: dict[str, Any]) -> tuple:
+  return tuple((name, np.shape(x), np.dtype(x.dtype).name) for name, x in sorted(batch.items()))
+
+
+def _describe(key: tuple) -> str:
+  return "{" + ", ".join(f"{name}: {dtype}{list(shape)}" for name, shape, dtype in key) + "}"
+
+
+def compile_per_bucket(jitted: Callable, state: Any, batches: Iterable[dict[str, Any]],
+                       *args: Any) -> Callable:
+  """``jitted(state, batch, *args)`` compiled before the loop once per shape of ``batches``.
+
+  A batch of a shape outside ``batches`` raises instead of compiling, so a shape or dtype that
+  leaks between steps cannot recompile every few steps unnoticed, and no compilation lands
+  inside the timed steps. Compiling every bucket up front also brings an error of the largest
+  bucket (out of memory, say) to the start of a run instead of its first long batch.
+  """
+  executables = {}
+  for batch in batches:
+    key = _batch_key(batch)
+    if key not in executables:
+      executables[key] = jitted.lower(state, batch, *args).compile()
+
+  def run(state, batch, *args):
+    key = _batch_key(batch)
+    if key not in executables:
+      raise RuntimeError(f"no step was compiled for a batch of {_describe(key)}, only for "
+                         f"{', '.join(map(_describe, executables)) or 'none'}; some input "
+                         "changes shape or dtype between batches")
+    return executables[key](state, batch, *args)
+
+  return run
+
+
+def mesh_eval_fn(mesh: jax.sharding.Mesh, shardings: Any, state: steps.TrainState,
+                 pipelines: Sequence[BatchPipeline]) -> Callable:
   """An ``eval_fn`` for ``predict_split`` over ``mesh``: this process's rows in, the global
-  batch's predictions and row fields out, gathered once onto every process."""
+  batch's predictions and row fields out, gathered once onto every process. It is compiled
+  for every bucket that ``pipelines`` batch into (``compile_per_bucket``)."""
 
   def predict(state, batch):
     return {"value": steps.eval_step(state, batch), **{k: batch[k] for k in ROW_FIELDS}}
 
   jitted = sharding.jit_eval_step(predict, mesh, shardings)
-  return lambda state, batch: jitted(state, sharding.global_batch(batch, mesh))
+  shapes = [sharding.global_batch(p.padding_batch(b), mesh)
+            for p in pipelines for b in _buckets_of(p, range(p.report.batches_per_epoch))]
+  compiled = compile_per_bucket(jitted, state, shapes)
+  return lambda state, batch: compiled(state, sharding.global_batch(batch, mesh))
 
 
 # ----------------------------------------------------------------------------- loop
-
-
-def _traced_at_most(n: int, fn: Callable) -> Callable:
-  """``fn`` that raises when traced more than ``n`` times: one compilation per length bucket,
-  so a further trace means a shape or dtype leak that would recompile every few steps."""
-  traces = 0
-
-  def traced(*args, **kwargs):
-    nonlocal traces
-    traces += 1
-    if traces > n:
-      raise RuntimeError(f"the train step was traced {traces} times but there are only {n} "
-                         "batch shapes; some input changes shape or dtype between steps")
-    return fn(*args, **kwargs)
-
-  return traced
 
 
 class _StepTimer:
@@ -429,11 +460,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   del params, pretrained
   train_rng = sharding.shard(train_rng, sharding.replicated(mesh))
 
-  num_buckets = len(data.train.buckets)
-  step_fn = sharding.jit_train_step(
-      _traced_at_most(num_buckets, functools.partial(steps.train_step, align=config.align)),
-      mesh, shardings)
-  eval_fn = mesh_eval_fn(mesh, shardings)
   iterator = iter(data.train)
   metrics_log = workdir / METRICS_LOG
 
@@ -449,19 +475,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       logging.info("resumed from step %d in %s", first_step, workdir)
     last_saved = first_step if restored is not None else None
 
+    compile_began = time.perf_counter()
+    jitted_step = sharding.jit_train_step(
+        functools.partial(steps.train_step, align=config.align), mesh, shardings)
+    step_fn = compile_per_bucket(
+        jitted_step, state,
+        [sharding.global_batch(data.train.padding_batch(b), mesh)
+         for b in _buckets_of(data.train, range(first_step, total_steps))], train_rng)
+    eval_fn = mesh_eval_fn(mesh, shardings, state, (data.valid, data.test))
+    compile_seconds = time.perf_counter() - compile_began
+
     pending: list[tuple[int, dict]] = []
     best_dev = None  # the dev scores of the best checkpoint, when this process evaluated it
     bar = tqdm.tqdm(total=total_steps, initial=first_step, disable=not config.progress_bar,
                     desc="train", unit="step", dynamic_ncols=True)
     timer = _StepTimer()
+    timer.start()
     for step in range(first_step + 1, total_steps + 1):
       state, step_metrics = step_fn(state, sharding.global_batch(next(iterator), mesh), train_rng)
       pending.append((step, step_metrics))
-      if step == first_step + 1:  # the first step compiles: leave it out of the rate
-        jax.block_until_ready(step_metrics)
-        timer.start()
-      else:
-        timer.steps += 1
+      timer.steps += 1
       bar.update(1)
       is_eval = step % steps_per_epoch == 0 or step == total_steps
       if step % config.log_every_steps == 0 or is_eval or ckpt.should_save(step):
@@ -502,6 +535,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       "test": evaluate(eval_fn, best_state, data.test, scorer),
       "steps": total_steps,
       "steps_per_second": timer.rate() if timer.steps else None,
+      # Tracing and compiling the train step for each bucket of the run, and the eval step for
+      # each bucket of dev and test, before the first step.
+      "compile_seconds": round(compile_seconds, 2),
       # Loop time outside the steps: evaluation of dev, and the calls that start checkpoint
       # writes (device-to-host copies; the file writes then run in the background).
       "seconds_outside_steps": {name: round(t, 2) for name, t in timer.excluded.items()},

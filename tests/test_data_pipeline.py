@@ -132,6 +132,21 @@ def test_shapes_and_dtypes_come_from_a_few_buckets(mner_encoder, twitter_valid):
   assert shapes == {(b.tokens, b.words) for b in buckets}
 
 
+def test_padding_batches_have_the_shapes_of_their_buckets_batches(mner_encoder, twitter_valid):
+  buckets = (Bucket(32, 16), Bucket(48, 32), Bucket(96, 64))
+  pipeline = BatchPipeline(twitter_valid, mner_encoder, batch_size=16, buckets=buckets,
+                           shuffle=True, num_epochs=2)
+  layout = lambda batch: {k: (v.dtype, v.shape) for k, v in batch.items()}
+  for index, batch in enumerate(pipeline):
+    b = pipeline.bucket_index(index)
+    assert batch["input_ids"].shape[1] == buckets[b].tokens
+    assert layout(pipeline.padding_batch(b)) == layout(batch)
+  assert index + 1 == 2 * pipeline.report.batches_per_epoch
+  padding = pipeline.padding_batch(2)
+  assert not padding["valid"].any() and (padding["example_index"] == -1).all()
+  assert not padding["attention_mask"].any()
+
+
 def test_padding_rows_are_marked_and_empty(mner_encoder, twitter_valid):
   examples = twitter_valid[:21]
   batches = list(BatchPipeline(examples, mner_encoder, batch_size=8))
@@ -254,6 +269,7 @@ def test_pixel_values_from_an_image_loader(minilm_dir, shared_data_dir):
                                   load(image_dir / examples[index].image_id))
     assert batch["pixel_values"].shape[1:] == (6, 8, 3)
   assert not batch["pixel_values"][~batch["valid"]].any()
+  assert pipeline.padding_batch(0)["pixel_values"].shape == (4, 6, 8, 3)
   with pytest.raises(ValueError, match="no image path for image"):
     BatchPipeline(examples, encoder, batch_size=4, image_loader=load)
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import ml_collections
 import numpy as np
@@ -64,6 +65,27 @@ def test_run_trains_evaluates_and_writes_results(uninterrupted):
   # Two evaluations and checkpoint writes happened outside the timed steps.
   assert set(results["seconds_outside_steps"]) == {"checkpoint", "evaluation"}
   assert all(t > 0 for t in results["seconds_outside_steps"].values())
+  assert results["compile_seconds"] > 0
+
+
+def test_compile_per_bucket_runs_the_shapes_it_was_given_and_refuses_others():
+  chex.clear_trace_counter()
+  step = jax.jit(chex.assert_max_traces(
+      lambda total, batch, scale: total + scale * batch["x"].sum(), n=2))
+  batches = [{"x": np.ones((4, 2), np.float32)}, {"x": np.ones((4, 8), np.float32)}]
+  compiled = train.compile_per_bucket(step, np.float32(0), batches, np.float32(2))
+  total, expected = np.float32(0), 0.0
+  rng = np.random.default_rng(0)
+  for width in (2, 8, 8, 2, 8):  # more calls than traces: chex fails on a third trace
+    x = rng.normal(size=(4, width)).astype(np.float32)
+    total = compiled(total, {"x": x}, np.float32(2))
+    expected += 2 * x.sum(dtype=np.float64)
+  np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+  with pytest.raises(RuntimeError, match=r"a batch of \{x: float32\[4, 3\]\}, only for "
+                                         r"\{x: float32\[4, 2\]\}, \{x: float32\[4, 8\]\}"):
+    compiled(total, {"x": np.ones((4, 3), np.float32)}, np.float32(2))
+  with pytest.raises(RuntimeError, match=r"\{x: int32\[4, 2\]\}"):
+    compiled(total, {"x": np.ones((4, 2), np.int32)}, np.float32(2))
 
 
 def test_run_killed_on_four_devices_resumes_on_one_to_the_same_numbers(tiny, uninterrupted,

@@ -163,11 +163,26 @@ class BatchPipeline:
 
   def batch(self, index: int) -> dict[str, np.ndarray]:
     """Batch `index` of the whole run (epoch-major), this process's rows only."""
-    epoch, step = divmod(index, self.report.batches_per_epoch)
-    b, members = self.plan(epoch)[step]
-    bucket = self.buckets[b]
+    b, members = self._planned(index)
     rows = np.full(self._global_size, -1, np.int64)
     rows[:len(members)] = members
+    return self._assemble(self.buckets[b], rows)
+
+  def bucket_index(self, index: int) -> int:
+    """The bucket (index into `buckets`) of batch `index` of the whole run."""
+    return self._planned(index)[0]
+
+  def padding_batch(self, bucket_index: int) -> dict[str, np.ndarray]:
+    """A batch of bucket `bucket_index` made of padding rows only: the shapes and dtypes of
+    that bucket's batches, e.g. to compile a step for it before the first real batch."""
+    return self._assemble(self.buckets[bucket_index], np.full(self._global_size, -1, np.int64))
+
+  def _planned(self, index: int) -> tuple[int, np.ndarray]:
+    epoch, step = divmod(index, self.report.batches_per_epoch)
+    return self.plan(epoch)[step]
+
+  def _assemble(self, bucket: Bucket, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The batch of global `rows` (example indices, -1 for padding), this process's share."""
     groups = _image_groups([self._image_keys[i] if i >= 0 else None for i in rows])
     mine = slice(self.shard_index * self.batch_size, (self.shard_index + 1) * self.batch_size)
     rows, groups = rows[mine], groups[mine]
