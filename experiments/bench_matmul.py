@@ -4,8 +4,9 @@ A BERT layer's dense weights are four H x H (query, key, value, output), one H x
 I x H. Training multiplies each three ways: the forward pass ``x @ W``, the input gradient
 ``dy @ W.T`` and the weight gradient ``x.T @ dy``. This times those 9 distinct products, each
 as one jitted JAX function (XLA:CPU's own choice of kernel) and as the ``torch`` call autograd
-makes, alternating, and sums one layer's 18 in proportion. It separates the GEMM kernels from
-everything else in ``bench_train_step.py``: a BERT-base step is mostly these products.
+makes, alternating in blocks, and sums one layer's 18 in proportion. It separates the GEMM
+kernels from everything else in ``bench_train_step.py``: a BERT-base step is mostly these
+products.
 
   python experiments/bench_matmul.py                    # BERT-base: H 768, I 3072, 1024 tokens
   python experiments/bench_matmul.py --cpus 1
@@ -15,44 +16,56 @@ everything else in ``bench_train_step.py``: a BERT-base step is mostly these pro
 import argparse
 import os
 import statistics
+from typing import NamedTuple
 
 import numpy as np
 
 import timing  # experiments/ is on sys.path as the script dir
 
 
-def products(tokens: int, hidden: int, intermediate: int) -> list[tuple[str, int, int, int, int]]:
-  """(name, m, k, n, uses per layer) of each product: an [m, k] by [k, n] matmul."""
+class Product(NamedTuple):
+  """An [m, k] by [k, n] matmul, made ``per_layer`` times per layer and training step; a
+  transposed operand is a stored array read transposed, as in the backward pass."""
+  name: str
+  m: int
+  k: int
+  n: int
+  per_layer: int
+  transpose_left: bool = False
+  transpose_right: bool = False
+
+  def operands(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The two arrays as the training step holds them."""
+    a = rng.normal(size=(self.k, self.m) if self.transpose_left else (self.m, self.k))
+    b = rng.normal(size=(self.n, self.k) if self.transpose_right else (self.k, self.n))
+    return a.astype(np.float32), b.astype(np.float32)
+
+  def of(self, a, b):
+    """The product itself, from operands of any array library with ``.T`` and ``@``."""
+    return (a.T if self.transpose_left else a) @ (b.T if self.transpose_right else b)
+
+
+def products(tokens: int, hidden: int, intermediate: int) -> list[Product]:
+  """The forward product and both gradients of each dense weight of one layer."""
   out = []
   for weight, (fan_in, fan_out, count) in {"HxH": (hidden, hidden, 4),
                                            "HxI": (hidden, intermediate, 1),
                                            "IxH": (intermediate, hidden, 1)}.items():
-    out += [(f"{weight} x@W", tokens, fan_in, fan_out, count),
-            (f"{weight} dy@W.T", tokens, fan_out, fan_in, count),
-            (f"{weight} x.T@dy", fan_in, tokens, fan_out, count)]
+    out += [Product(f"{weight} x@W", tokens, fan_in, fan_out, count),
+            Product(f"{weight} dy@W.T", tokens, fan_out, fan_in, count, transpose_right=True),
+            Product(f"{weight} x.T@dy", fan_in, tokens, fan_out, count, transpose_left=True)]
   return out
 
 
-def _operands(name: str, m: int, k: int, n: int, rng: np.random.Generator):
-  """The two arrays as the training step holds them: a transposed operand is a stored array
-  read transposed, as in the backward pass."""
-  a = rng.normal(size=(k, m) if name.endswith("x.T@dy") else (m, k)).astype(np.float32)
-  b = rng.normal(size=(n, k) if name.endswith("W.T") else (k, n)).astype(np.float32)
-  return a, b
-
-
-def _contenders(name: str, a: np.ndarray, b: np.ndarray) -> dict[str, timing.Runner]:
+def contenders(product: Product, a: np.ndarray, b: np.ndarray) -> dict[str, timing.Runner]:
   import jax
-  import jax.numpy as jnp
   import torch
 
-  left = (lambda x: x.T) if name.endswith("x.T@dy") else (lambda x: x)
-  right = (lambda w: w.T) if name.endswith("W.T") else (lambda w: w)
-  jax_fn = jax.jit(lambda x, y: jnp.matmul(left(x), right(y)))
+  jax_fn = jax.jit(product.of)
   ja, jb = jax.device_put(a), jax.device_put(b)
   ta, tb = torch.from_numpy(a), torch.from_numpy(b)
   return {"jax": (lambda: jax_fn(ja, jb), jax.block_until_ready),
-          "pytorch": (lambda: torch.mm(left(ta), right(tb)), lambda _: None)}
+          "pytorch": (lambda: product.of(ta, tb), lambda _: None)}
 
 
 def _block_times(runners: dict[str, timing.Runner], rounds: int,
@@ -69,25 +82,29 @@ def _block_times(runners: dict[str, timing.Runner], rounds: int,
   return times
 
 
-def check(name: str, a: np.ndarray, b: np.ndarray) -> float:
-  """Largest difference between the two sides, relative to the largest entry (float64 oracle)."""
-  expected = (a.T if name.endswith("x.T@dy") else a).astype(np.float64) @ (
-      b.T if name.endswith("W.T") else b).astype(np.float64)
+def max_error(product: Product, a: np.ndarray, b: np.ndarray,
+              runners: dict[str, timing.Runner]) -> float:
+  """Largest difference between the runners and the float64 product, relative to its largest
+  entry."""
+  expected = product.of(a.astype(np.float64), b.astype(np.float64))
   scale = np.abs(expected).max()
   return max(float(np.abs(np.asarray(fn()) - expected).max() / scale)
-             for fn, _ in _contenders(name, a, b).values())
+             for fn, _ in runners.values())
 
 
 def run(tokens: int, hidden: int, intermediate: int, iters: int, rounds: int = 3,
         seed: int = 0) -> list[dict]:
   rng = np.random.default_rng(seed)
   rows = []
-  for name, m, k, n, count in products(tokens, hidden, intermediate):
-    a, b = _operands(name, m, k, n, rng)
-    medians = {side: statistics.median(t) for side, t in
-               _block_times(_contenders(name, a, b), rounds, iters).items()}
-    rows.append({"product": name, "m": m, "k": k, "n": n, "per_layer": count,
-                 "gflop": 2 * m * k * n / 1e9, "max_rel_error": check(name, a, b),
+  for product in products(tokens, hidden, intermediate):
+    a, b = product.operands(rng)
+    runners = contenders(product, a, b)
+    medians = {side: statistics.median(t)
+               for side, t in _block_times(runners, rounds, iters).items()}
+    m, k, n = product.m, product.k, product.n
+    rows.append({"product": product.name, "m": m, "k": k, "n": n,
+                 "per_layer": product.per_layer, "gflop": 2 * m * k * n / 1e9,
+                 "max_rel_error": max_error(product, a, b, runners),
                  **{f"{side}_s": s for side, s in medians.items()}})
   return rows
 
@@ -104,7 +121,8 @@ def table(rows: list[dict]) -> str:
                f"{1e3 * layer['jax']:.1f} | {1e3 * layer['pytorch']:.1f} | | | "
                f"{layer['pytorch'] / layer['jax']:.2f}x |")
   error = max(r["max_rel_error"] for r in rows)
-  return "\n".join(lines) + f"\nlargest difference from float64, relative to its largest entry: {error:.1e}"
+  lines.append(f"largest difference from float64, relative to its largest entry: {error:.1e}")
+  return "\n".join(lines)
 
 
 def main() -> None:
