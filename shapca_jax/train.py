@@ -320,9 +320,12 @@ def evaluate(eval_fn: Callable, state: steps.TrainState, pipeline: BatchPipeline
 # ----------------------------------------------------------------------------- compilation
 
 
-def _buckets_of(pipeline: BatchPipeline, batch_indices: Iterable[int]) -> list[int]:
-  """The buckets, smallest first, that the batches ``batch_indices`` of ``pipeline`` fall in."""
-  return sorted({pipeline.bucket_index(i) for i in batch_indices})
+def _padding_batches(pipeline: BatchPipeline, batch_indices: Iterable[int],
+                     mesh: jax.sharding.Mesh) -> list[dict[str, jax.Array]]:
+  """One global all-padding batch per bucket that the batches ``batch_indices`` of ``pipeline``
+  fall in, smallest first: the shapes to compile a step for."""
+  buckets = sorted({pipeline.bucket_index(i) for i in batch_indices})
+  return [sharding.global_batch(pipeline.padding_batch(b), mesh) for b in buckets]
 
 
 def _batch_key(batch: dict[str, Any]) -> tuple:
@@ -369,9 +372,9 @@ def mesh_eval_fn(mesh: jax.sharding.Mesh, shardings: Any, state: steps.TrainStat
     return {"value": steps.eval_step(state, batch), **{k: batch[k] for k in ROW_FIELDS}}
 
   jitted = sharding.jit_eval_step(predict, mesh, shardings)
-  shapes = [sharding.global_batch(p.padding_batch(b), mesh)
-            for p in pipelines for b in _buckets_of(p, range(p.report.batches_per_epoch))]
-  compiled = compile_per_bucket(jitted, state, shapes)
+  batches = [batch for p in pipelines
+             for batch in _padding_batches(p, range(p.report.batches_per_epoch), mesh)]
+  compiled = compile_per_bucket(jitted, state, batches)
   return lambda state, batch: compiled(state, sharding.global_batch(batch, mesh))
 
 
@@ -479,9 +482,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     jitted_step = sharding.jit_train_step(
         functools.partial(steps.train_step, align=config.align), mesh, shardings)
     step_fn = compile_per_bucket(
-        jitted_step, state,
-        [sharding.global_batch(data.train.padding_batch(b), mesh)
-         for b in _buckets_of(data.train, range(first_step, total_steps))], train_rng)
+        jitted_step, state, _padding_batches(data.train, range(first_step, total_steps), mesh),
+        train_rng)
     eval_fn = mesh_eval_fn(mesh, shardings, state, (data.valid, data.test))
     compile_seconds = time.perf_counter() - compile_began
 
