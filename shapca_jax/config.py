@@ -75,6 +75,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Optimisation (METHOD §6).
   config.num_epochs = 3
   config.max_steps = -1                     # > 0 stops early (tests, smoke runs)
+  config.evals_per_epoch = 1                # dev evaluations (and best-checkpoint chances) per epoch
+  config.early_stop_patience = 0            # > 0: stop after this many dev evaluations without a
+                                            # new best (the schedule still spans num_epochs)
   config.learning_rate = ml_collections.ConfigDict()
   config.learning_rate.encoder = 3e-5
   config.learning_rate.new = 1e-3
@@ -126,9 +129,10 @@ _CHOICES = {
 _POSITIVE = ("max_length", "batch_size", "eval_batch_size", "proj_dim", "pair_dim",
              "fusion.num_heads", "align.num_permutations", "align.tau_u", "align.tau_c",
              "num_epochs", "learning_rate.encoder", "learning_rate.new", "learning_rate.crf",
-             "grad_clip_norm", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints")
+             "grad_clip_norm", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+             "evals_per_epoch")
 
-_NON_NEGATIVE = ("weight_decay", "align.lambda_ct", "align.lambda_ci")
+_NON_NEGATIVE = ("weight_decay", "align.lambda_ct", "align.lambda_ci", "early_stop_patience")
 
 
 def validate_config(config: Any) -> None:
@@ -150,6 +154,9 @@ def validate_config(config: Any) -> None:
   for key in _NON_NEGATIVE:
     if not flat[key] >= 0:
       raise ConfigError(f"config.{key}={flat[key]!r} must be >= 0")
+  for key in ("evals_per_epoch", "early_stop_patience"):
+    if not isinstance(flat[key], int) or isinstance(flat[key], bool):
+      raise ConfigError(f"config.{key}={flat[key]!r} must be an int")
   for key in ("mesh.data", "mesh.fsdp"):
     if not isinstance(flat[key], int) or isinstance(flat[key], bool) or not (
         flat[key] == -1 or flat[key] >= 1):

@@ -19,6 +19,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import gzip
 import json
 import logging
 import pathlib
@@ -52,6 +53,10 @@ TASK_LABELS = {"mner": labels.MNER_LABELS, "mre": labels.MNRE_RELATIONS,
                "mjere": labels.GRID_LABELS}
 RESULTS_FILE = "results.json"
 METRICS_LOG = "metrics.jsonl"
+# The dev-selected model's test predictions, one JSON line per test example in order, with the
+# example's counts of the selection metric so that intervals (bootstrap over examples) can be
+# recomputed without the model.
+TEST_PREDICTIONS_FILE = "test_predictions.jsonl.gz"
 # Keys that may change when a run is resumed: they steer bookkeeping, not the numbers (a run
 # may continue on another mesh: checkpoints restore onto any sharding).
 RESUME_IGNORE_KEYS = ("log_every_steps", "progress_bar", "eval_batch_size", "mesh.*")
@@ -477,6 +482,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       iterator.set_state(restored.data_state)
       logging.info("resumed from step %d in %s", first_step, workdir)
     last_saved = first_step if restored is not None else None
+    evaluated = eval_steps(steps_per_epoch, config.evals_per_epoch, total_steps)
+
+    def patience_spent(step: int) -> bool:
+      best_step = ckpt.best["step"] if ckpt.best else None
+      return (config.early_stop_patience > 0 and step in evaluated
+              and evaluations_since_best(evaluated, step, best_step) >= config.early_stop_patience)
+
+    last_step = first_step if patience_spent(first_step) else total_steps
 
     compile_began = time.perf_counter()
     jitted_step = sharding.jit_train_step(
@@ -493,12 +506,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                     desc="train", unit="step", dynamic_ncols=True)
     timer = _StepTimer()
     timer.start()
-    for step in range(first_step + 1, total_steps + 1):
+    for step in range(first_step + 1, last_step + 1):
       state, step_metrics = step_fn(state, sharding.global_batch(next(iterator), mesh), train_rng)
       pending.append((step, step_metrics))
       timer.steps += 1
       bar.update(1)
-      is_eval = step % steps_per_epoch == 0 or step == total_steps
+      is_eval = step in evaluated
       if step % config.log_every_steps == 0 or is_eval or ckpt.should_save(step):
         logged = _host_metrics(pending)
         pending = []
@@ -506,7 +519,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         for s, values in logged:
           _append_jsonl(metrics_log, {"step": s, **values})
         bar.set_postfix(loss=f"{logged[-1][1]['loss']:.4f}", steps_per_s=f"{timer.rate():.2f}")
-      if ckpt.should_save(step) or step == total_steps:
+      # An early stop may follow an evaluation: the checkpoint before it must be the last one.
+      stop_may_follow = is_eval and config.early_stop_patience > 0
+      if ckpt.should_save(step) or step == total_steps or stop_may_follow:
         with timer.excluding("checkpoint"):
           ckpt.save_latest(step, state, data_state=iterator.get_state(), rng=train_rng)
         last_saved = step
@@ -520,6 +535,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             best_dev = dev
         bar.write(f"step {step}: dev F1 {dev['f1']:.4f} (best {ckpt.best['value']:.4f} at step "
                   f"{ckpt.best['step']})")
+        if patience_spent(step):
+          last_step = step
+          bar.write(f"stopping early: no better dev F1 in the last {config.early_stop_patience} "
+                    "evaluations")
+          break
     bar.close()
     ckpt.wait_until_finished()
     best = ckpt.best
@@ -528,14 +548,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   best_state = state.replace(params=best_params)
   if best_dev is None:  # the best checkpoint was evaluated before a resume
     best_dev = evaluate(eval_fn, best_state, data.valid, scorer)
+  test_predictions = predict_split(eval_fn, best_state, data.test)
   results = {
       "task": config.task,
       "dataset": config.dataset,
       "seed": config.seed,
       "best_step": best["step"],
       "dev": best_dev,
-      "test": evaluate(eval_fn, best_state, data.test, scorer),
+      "test": scorer(list(data.test.examples), test_predictions),
       "steps": total_steps,
+      "last_step": last_step,
       "steps_per_second": timer.rate() if timer.steps else None,
       # Tracing and compiling the train step for each bucket of the run, and the eval step for
       # each bucket of dev and test, before the first step.
@@ -551,8 +573,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     results["gold_grid_ceiling"] = {split: scorer.ceiling(list(getattr(data, pipe).examples))
                                     for split, pipe in (("dev", "valid"), ("test", "test"))}
   if jax.process_index() == 0:
+    write_test_predictions(workdir / TEST_PREDICTIONS_FILE, config.task, scorer,
+                           list(data.test.examples), test_predictions)
     (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
   return results
+
+
+def eval_steps(steps_per_epoch: int, evals_per_epoch: int, total_steps: int) -> list[int]:
+  """The steps after which dev is scored: ``evals_per_epoch`` evenly spaced points per epoch
+  (the last at the epoch's end) and the final step, in order."""
+  per_epoch = {round(steps_per_epoch * i / evals_per_epoch) for i in range(1, evals_per_epoch + 1)}
+  points = {epoch * steps_per_epoch + s for epoch in range(-(-total_steps // steps_per_epoch))
+            for s in per_epoch if s > 0}
+  return sorted({s for s in points if s <= total_steps} | {total_steps})
+
+
+def evaluations_since_best(evaluated: Sequence[int], step: int, best_step: Optional[int]) -> int:
+  """How many of the evaluation steps ``evaluated`` up to ``step`` came after the best one."""
+  return sum(1 for s in evaluated if (best_step is None or s > best_step) and s <= step)
+
+
+def _decoded_prediction(task: str, scorer: Scorer, prediction: Prediction) -> Any:
+  if task == "mner":
+    return [labels.MNER_LABELS[t] for t in prediction.value[:prediction.num_words]]
+  if task == "mre":
+    return labels.MNRE_RELATIONS[int(prediction.value)]
+  grid = prediction.value[:prediction.num_words, :prediction.num_words]
+  return [list(q) for q in wordpair.decode_grid(grid, scorer.vocab).quintuples]
+
+
+def write_test_predictions(path: pathlib.Path, task: str, scorer: Scorer,
+                           examples: Sequence[Example], predictions: Sequence[Prediction]) -> None:
+  """One line per example: its decoded prediction and its counts of the selection metric
+  (``num_correct``, ``num_pred``, ``num_gold``), written to a temporary file and renamed."""
+  temporary = path.with_name(path.name + ".tmp")
+  with gzip.open(temporary, "wt") as f:
+    for index, (example, prediction) in enumerate(zip(examples, predictions)):
+      counts = scorer([example], [prediction])
+      record = {"index": index, "pred": _decoded_prediction(task, scorer, prediction),
+                **{k: counts[k] for k in ("num_correct", "num_pred", "num_gold")}}
+      f.write(json.dumps(record) + "\n")
+  temporary.replace(path)
 
 
 def _summary(scores: Scores) -> dict[str, float]:

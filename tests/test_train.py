@@ -234,3 +234,45 @@ def test_mre_markers_get_new_embedding_rows(tiny_relations):
   assert np.all(np.isfinite(new)) and len({row.tobytes() for row in new}) == 4
   with pytest.raises(ValueError, match="entity markers"):
     train.build_model(config, vocab_size - 4)
+
+
+@pytest.mark.parametrize("steps_per_epoch,evals_per_epoch,total_steps", [
+    (5, 1, 10), (5, 2, 10), (210, 2, 2100), (7, 3, 17), (4, 4, 9), (3, 5, 6)])
+def test_eval_steps_are_evenly_spaced_points_of_each_epoch_and_the_last_step(
+    steps_per_epoch, evals_per_epoch, total_steps):
+  expected = set()
+  for step in range(1, total_steps + 1):  # brute force: the step ends a 1/evals fraction
+    into_epoch = (step - 1) % steps_per_epoch + 1
+    if any(into_epoch == round(steps_per_epoch * i / evals_per_epoch)
+           for i in range(1, evals_per_epoch + 1)) or step == total_steps:
+      expected.add(step)
+  assert train.eval_steps(steps_per_epoch, evals_per_epoch, total_steps) == sorted(expected)
+
+
+def test_test_predictions_file_rescores_to_the_reported_test_scores(uninterrupted, tiny):
+  import gzip
+  import seqeval.metrics
+  from shapca_jax.data import readers
+  _, workdir, results = uninterrupted
+  data_dir, _ = tiny
+  records = [json.loads(line) for line in
+             gzip.open(workdir / train.TEST_PREDICTIONS_FILE, "rt").read().splitlines()]
+  gold = [list(e.tags) for e in readers.read_conll(data_dir / "twitter2017" / "test.txt")]
+  assert [r["index"] for r in records] == list(range(len(gold)))
+  pred = [r["pred"] + ["O"] * (len(g) - len(r["pred"])) for r, g in zip(records, gold)]
+  assert results["test"]["f1"] == pytest.approx(seqeval.metrics.f1_score(gold, pred), abs=1e-9)
+  for key in ("num_correct", "num_pred", "num_gold"):
+    assert sum(r[key] for r in records) == results["test"][key]
+
+
+def test_early_stop_ends_after_patience_evaluations_without_a_new_best(tiny, tmp_path):
+  config = train_fixtures.tiny_config(*tiny)
+  config.num_epochs, config.evals_per_epoch, config.early_stop_patience = 4, 2, 1
+  config.learning_rate.encoder = config.learning_rate.new = config.learning_rate.crf = 1e-12
+  results = train.train_and_evaluate(config, tmp_path)  # a frozen model never improves
+  dev_steps = [json.loads(line)["step"] for line in
+               (tmp_path / train.METRICS_LOG).read_text().splitlines() if "dev" in line]
+  assert dev_steps == [2, 5]  # 5 steps per epoch: evaluations at 2 (the best) and 5, then stop
+  assert results["best_step"] == 2 and results["last_step"] == 5 and results["steps"] == 20
+  again = train.train_and_evaluate(config, tmp_path)  # a rerun trains no further
+  assert again["last_step"] == 5 and again["test"]["f1"] == results["test"]["f1"]
