@@ -1,0 +1,152 @@
+"""Tables and figures of one suite's recorded runs (`python experiments/suite.py report SUITE`).
+
+Per row: mean and sample standard deviation of dev and test F1 over its seeds. Per comparison
+(row, reference): the paired test-F1 difference, mean over the seeds both rows ran, with a 95 %
+percentile bootstrap interval. Each bootstrap replicate resamples the test examples with
+replacement once and applies that resample to every run of both rows (paired by example and by
+seed), recomputing each run's micro F1 from its per-example counts; the interval therefore
+covers test-set sampling, pooled over the seeds, and the seed-to-seed spread shows in the std.
+"""
+
+import collections
+import pathlib
+from typing import Any
+
+import numpy as np
+
+import suite as suite_lib
+import suites as suites_lib
+
+
+def f1_from_counts(counts: np.ndarray) -> np.ndarray:
+  """Micro F1 from [..., 3] summed (num_correct, num_pred, num_gold); 0 where undefined."""
+  correct, pred, gold = counts[..., 0], counts[..., 1], counts[..., 2]
+  with np.errstate(divide="ignore", invalid="ignore"):
+    f1 = np.where(pred + gold > 0, 2 * correct / (pred + gold), 0.0)
+  return f1
+
+
+def paired_bootstrap(row_counts: np.ndarray, ref_counts: np.ndarray, resamples: int,
+                     seed: int = 0) -> dict[str, float]:
+  """Mean-over-seeds F1 difference (row - reference) and its 95 % bootstrap interval.
+
+  Args:
+    row_counts, ref_counts: [seeds, examples, 3] per-example counts, the same seeds and
+      examples in the same order.
+    resamples: bootstrap replicates.
+  """
+  if row_counts.shape != ref_counts.shape:
+    raise ValueError(f"unpaired counts: {row_counts.shape} vs {ref_counts.shape}")
+  n = row_counts.shape[1]
+  weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=resamples)
+  def mean_f1(counts):  # [B, seeds]
+    return f1_from_counts(np.einsum("bn,snk->bsk", weights, counts)).mean(axis=1)
+  differences = mean_f1(row_counts) - mean_f1(ref_counts)
+  point = (f1_from_counts(row_counts.sum(1)) - f1_from_counts(ref_counts.sum(1))).mean()
+  low, high = np.percentile(differences, [2.5, 97.5])
+  return {"difference": float(point), "low": float(low), "high": float(high)}
+
+
+def _by_row(lines: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+  rows = collections.defaultdict(dict)
+  for line in lines:
+    rows[line["row"]][line["seed"]] = line  # a rerun's later line wins
+  return rows
+
+
+def _mean_std(values: list[float]) -> str:
+  values = 100 * np.asarray(values)
+  std = f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else ""
+  return f"{values.mean():.2f}{std}"
+
+
+def tables(suite: suites_lib.Suite, results_dir: pathlib.Path, resamples: int) -> str:
+  rows = _by_row(suite_lib.read_lines(results_dir, suite.name))
+  out = [f"# Suite `{suite.name}`", "", suite.question, "",
+         f"Made by `python experiments/suite.py run {suite.name}` then "
+         f"`python experiments/suite.py report {suite.name}`; protocol: "
+         "[PROTOCOL.md](PROTOCOL.md). F1 in %, mean ± sample std over seeds.", "",
+         "| row | overrides | seeds | dev F1 | test F1 | best epoch | steps/s | peak RSS MiB |",
+         "|---|---|---|---|---|---|---|---|"]
+  for row in suite.rows:
+    runs = rows.get(row.name, {})
+    if not runs:
+      out.append(f"| {row.name} | `{' '.join(suite_lib.flags(row.overrides))}` | 0 of "
+                 f"{len(row.seeds)} | | | | | |")
+      continue
+    lines = [runs[s] for s in sorted(runs)]
+    best_epochs = ", ".join(f"{l['best_step'] * l['epochs'] / l['steps']:.1f}" for l in lines)
+    rss = [l["peak_rss_mb"] for l in lines if l.get("peak_rss_mb")]
+    out.append(
+        f"| {row.name} | `{' '.join(suite_lib.flags(row.overrides))}` | {len(lines)} of "
+        f"{len(row.seeds)} | {_mean_std([l['dev']['f1'] for l in lines])} | "
+        f"{_mean_std([l['test']['f1'] for l in lines])} | {best_epochs} | "
+        f"{np.mean([l['steps_per_second'] for l in lines]):.2f} | "
+        f"{f'{max(rss):.0f}' if rss else ''} |")
+  if suite.comparisons:
+    out += ["", "Paired test-F1 differences (points of F1), 95 % bootstrap interval over test "
+            f"examples ({resamples} resamples), seeds both rows ran:", "",
+            "| row | reference | seeds | difference | 95 % interval | dev difference |",
+            "|---|---|---|---|---|---|"]
+    for name, reference in suite.comparisons:
+      seeds = sorted(set(rows.get(name, {})) & set(rows.get(reference, {})))
+      if not seeds:
+        out.append(f"| {name} | {reference} | 0 | | | |")
+        continue
+      counts = [np.array([suite_lib.test_counts(results_dir, suite.name, r, s) for s in seeds])
+                for r in (name, reference)]
+      b = paired_bootstrap(*counts, resamples)
+      dev = np.mean([rows[name][s]["dev"]["f1"] - rows[reference][s]["dev"]["f1"] for s in seeds])
+      out.append(f"| {name} | {reference} | {len(seeds)} | {100 * b['difference']:+.2f} | "
+                 f"[{100 * b['low']:+.2f}, {100 * b['high']:+.2f}] | {100 * dev:+.2f} |")
+  return "\n".join(out) + "\n"
+
+
+def figures(suite: suites_lib.Suite, results_dir: pathlib.Path) -> list[pathlib.Path]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = _by_row(suite_lib.read_lines(results_dir, suite.name))
+  names = [r.name for r in suite.rows if rows.get(r.name)]
+  if not names:
+    return []
+  fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(names), 3.2))
+  for i, name in enumerate(names):
+    f1 = 100 * np.array([line["test"]["f1"] for line in rows[name].values()])
+    ax.bar(i, f1.mean(), yerr=f1.std(ddof=1) if len(f1) > 1 else 0, capsize=4, color="C0")
+    ax.plot(np.full(len(f1), i), f1, "k.", markersize=4)
+  ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+  low = min(100 * min(l["test"]["f1"] for l in rows[n].values()) for n in names)
+  ax.set_ylim(max(0, low - 3), None)
+  ax.set_ylabel("test F1 (%)")
+  ax.set_title(f"{suite.name}: test F1 of the dev-selected checkpoint")
+  fig.tight_layout()
+  bars = results_dir / f"{suite.name}_test_f1.png"
+  fig.savefig(bars, dpi=120)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for i, name in enumerate(names):
+    for j, line in enumerate(rows[name].values()):
+      curve = np.array(line["dev_curve"])
+      ax.plot(curve[:, 0], 100 * curve[:, 1], color=f"C{i}", alpha=0.8,
+              label=name if j == 0 else None)
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("dev F1 (%)")
+  ax.legend(fontsize=8)
+  ax.set_title(f"{suite.name}: dev F1 per evaluation (one line per seed)")
+  fig.tight_layout()
+  curves = results_dir / f"{suite.name}_dev_curves.png"
+  fig.savefig(curves, dpi=120)
+  plt.close(fig)
+  return [bars, curves]
+
+
+def write_report(suite: suites_lib.Suite, results_dir: pathlib.Path,
+                 resamples: int) -> list[pathlib.Path]:
+  drawn = figures(suite, results_dir)
+  page = results_dir / f"{suite.name}.md"
+  page.write_text(tables(suite, results_dir, resamples)
+                  + "".join(f"\n![{path.stem}]({path.name})\n" for path in drawn))
+  return [page, *drawn]

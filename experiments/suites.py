@@ -1,0 +1,67 @@
+"""The named experiment suites: which runs answer which question (docs/results/PROTOCOL.md).
+
+A suite is a list of rows; a row is a dataset, config overrides on top of that dataset's
+experiment config (experiments/configs/) and the seeds to run. `comparisons` name the
+(row, reference) pairs whose paired test-F1 difference the report shows with a bootstrap
+interval. Run one with `python experiments/suite.py run SUITE`.
+"""
+
+import dataclasses
+from typing import Any
+
+# The training script of each dataset (experiments/train_<name>.py).
+SCRIPTS = {"twitter2015": "train_twitter15.py", "twitter2017": "train_twitter17.py",
+           "mnre": "train_mnre.py", "jmere": "train_mjere.py"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  name: str
+  overrides: dict[str, Any]
+  seeds: tuple[int, ...]
+  dataset: str = "twitter2017"
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+  name: str
+  question: str
+  rows: tuple[Row, ...]
+  comparisons: tuple[tuple[str, str], ...] = ()
+
+  def row(self, name: str) -> Row:
+    for row in self.rows:
+      if row.name == name:
+        return row
+    raise KeyError(f"suite {self.name!r} has no row {name!r}; rows: {[r.name for r in self.rows]}")
+
+
+# Twitter-2017 protocol (PROTOCOL.md): dev scored every half epoch, the best dev checkpoint
+# selected, the epoch count fixed by the `protocol-t17` dev-curve study.
+T17_EPOCHS = 10
+T17 = {"num_epochs": T17_EPOCHS, "evals_per_epoch": 2}
+TEXT_ONLY = {"use_context": False, "align.kind": "none"}
+# PGIM contexts put the entity list first; 256 tokens hold 99 % of joint inputs.
+PGIM = {"contexts": "pgim", "max_length": 256}
+SEEDS3 = (0, 1, 2)
+
+SUITES = {s.name: s for s in (
+    Suite(
+        "protocol-t17",
+        "How many epochs until Twitter-2017 dev F1 stops improving? (main config, one seed, dev "
+        "every half epoch, stop after 2 evaluations without a new best)",
+        rows=(Row("blip2-shapley", {"num_epochs": 10, "evals_per_epoch": 2,
+                                    "early_stop_patience": 2}, seeds=(0,)),)),
+    Suite(
+        "ablation-t17",
+        "On Twitter-2017, what do contexts and each alignment add over text only?",
+        rows=(Row("text-only", {**T17, **TEXT_ONLY}, SEEDS3),
+              Row("blip2-none", {**T17, "align.kind": "none"}, SEEDS3),
+              Row("blip2-infonce", {**T17, "align.kind": "infonce"}, SEEDS3),
+              Row("blip2-shapley", dict(T17), SEEDS3),
+              Row("pgim-none", {**T17, **PGIM, "align.kind": "none"}, (0, 1)),
+              Row("pgim-shapley", {**T17, **PGIM}, (0, 1))),
+        comparisons=(("blip2-none", "text-only"), ("blip2-infonce", "blip2-none"),
+                     ("blip2-shapley", "blip2-none"), ("blip2-shapley", "blip2-infonce"),
+                     ("pgim-none", "blip2-none"), ("pgim-shapley", "pgim-none"))),
+)}

@@ -1,0 +1,158 @@
+"""The experiment-suite runner (experiments/suite.py) and its report (suite_report.py)."""
+
+import gzip
+import itertools
+import json
+import pathlib
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+import suite as suite_lib  # noqa: E402  (experiments/ is not a package)
+import suite_report  # noqa: E402
+import suites as suites_lib  # noqa: E402
+
+from shapca_jax import metrics  # noqa: E402
+
+
+def _exact_bootstrap(row, ref):
+  """Every ordered resample of the n examples, each equally likely: the exact bootstrap
+  distribution of the mean-over-seeds F1 difference, from metrics.prf."""
+  n = row.shape[1]
+  differences = []
+  for sample in itertools.product(range(n), repeat=n):
+    def mean_f1(counts):
+      return np.mean([metrics.prf(*counts[s, list(sample)].sum(0))["f1"]
+                      for s in range(counts.shape[0])])
+    differences.append(mean_f1(row) - mean_f1(ref))
+  return np.array(differences)
+
+
+def test_paired_bootstrap_matches_the_exact_bootstrap_distribution():
+  rng = np.random.default_rng(3)
+  gold = rng.integers(1, 4, size=(2, 6))
+  counts = []
+  for _ in range(2):  # two rows, two seeds, six examples
+    pred = rng.integers(0, 4, size=(2, 6))
+    correct = np.minimum(pred, gold) * rng.integers(0, 2, size=(2, 6))
+    counts.append(np.stack([correct, pred, gold], -1))
+  exact = _exact_bootstrap(*counts)
+  got = suite_report.paired_bootstrap(*counts, resamples=40000)
+  full = [np.mean([metrics.prf(*c[s].sum(0))["f1"] for s in range(2)]) for c in counts]
+  assert got["difference"] == pytest.approx(full[0] - full[1], abs=1e-12)
+  low, high = np.percentile(exact, [2.5, 97.5])
+  assert got["low"] == pytest.approx(low, abs=0.02)
+  assert got["high"] == pytest.approx(high, abs=0.02)
+
+
+def test_paired_bootstrap_of_a_row_against_itself_is_zero():
+  counts = np.random.default_rng(0).integers(0, 3, size=(3, 50, 3))
+  assert suite_report.paired_bootstrap(counts, counts, 100) == {
+      "difference": 0.0, "low": 0.0, "high": 0.0}
+
+
+FAKE_TRAINER = textwrap.dedent("""
+    # Stands in for experiments/train_<dataset>.py: writes what train_and_evaluate writes.
+    import gzip, json, pathlib, sys
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+    workdir = pathlib.Path(args["workdir"])
+    with open(workdir.parent.parent / "calls.txt", "a") as f:
+      f.write(f"{workdir.parent.name} {args['config.seed']}\\n")
+    if args.get("config.align.kind") == "crash":
+      sys.exit(3)
+    f1 = 0.5 + 0.1 * int(args["config.seed"])
+    (workdir / "metrics.jsonl").write_text(
+        json.dumps({"step": 5, "epoch": 0.5, "dev": {"f1": f1 - 0.1}}) + "\\n" +
+        json.dumps({"step": 10, "epoch": 1.0, "dev": {"f1": f1}}) + "\\n" +
+        json.dumps({"step": 10, "epoch": 1.0, "dev": {"f1": f1}}) + "\\n")
+    with gzip.open(workdir / "test_predictions.jsonl.gz", "wt") as f:
+      for i in range(4):
+        f.write(json.dumps({"index": i, "pred": [], "num_correct": i % 2, "num_pred": 1,
+                            "num_gold": 1}) + "\\n")
+    scores = {"precision": f1, "recall": f1, "f1": f1}
+    (workdir / "results.json").write_text(json.dumps({
+        "best_step": 10, "last_step": 10, "steps": 10, "dev": scores, "test": scores,
+        "steps_per_second": 2.0, "compile_seconds": 1.0, "wall_seconds": 3.0,
+        "config": {"num_epochs": 1}}))
+""")
+
+
+@pytest.fixture
+def fake_suite(tmp_path, monkeypatch):
+  (tmp_path / "bin").mkdir()
+  (tmp_path / "bin" / "train_twitter17.py").write_text(FAKE_TRAINER)
+  monkeypatch.setattr(suite_lib, "EXPERIMENTS", tmp_path / "bin")
+  suite = suites_lib.Suite("fake", "?", rows=(
+      suites_lib.Row("a", {"num_epochs": 1}, (0, 1)),
+      suites_lib.Row("b", {"align.kind": "crash"}, (0,))), comparisons=(("a", "a"),))
+  monkeypatch.setitem(suites_lib.SUITES, "fake", suite)
+  return tmp_path
+
+
+def _calls(root):
+  return (root / "work" / "fake" / "calls.txt").read_text().split("\n")[:-1]
+
+
+def test_suite_records_each_run_once_skips_recorded_ones_and_stops_on_a_failed_run(fake_suite):
+  args = ["run", "fake", "--workroot", str(fake_suite / "work"),
+          "--results_dir", str(fake_suite / "results")]
+  with pytest.raises(suite_lib.SuiteError, match="run b seed 0 failed with exit code 3"):
+    suite_lib.main(args)
+  lines = suite_lib.read_lines(fake_suite / "results", "fake")
+  assert [(l["row"], l["seed"]) for l in lines] == [("a", 0), ("a", 1)]
+  assert lines[1]["test"]["f1"] == pytest.approx(0.6)
+  assert lines[1]["dev_curve"] == [[0.5, pytest.approx(0.5)], [1.0, pytest.approx(0.6)]]
+  assert lines[0]["peak_rss_mb"] > 1 and lines[0]["overrides"] == {"num_epochs": 1}
+  assert suite_lib.test_counts(fake_suite / "results", "fake", "a", 1)[:2] == [[0, 1, 1],
+                                                                              [1, 1, 1]]
+  suite_lib.main(args[:2] + ["--rows", "a"] + args[2:])  # both recorded: nothing runs
+  assert _calls(fake_suite) == ["a 0", "a 1", "b 0"]
+
+
+def test_a_finished_but_unrecorded_run_is_recorded_without_training_again(fake_suite):
+  args = ["--workroot", str(fake_suite / "work"), "--results_dir", str(fake_suite / "results")]
+  suite_lib.main(["run", "fake", "--rows", "a", "--seeds", "0", *args])
+  (fake_suite / "results" / "fake.jsonl").unlink()  # killed between results.json and the line
+  suite_lib.main(["run", "fake", "--rows", "a", "--seeds", "0", *args])
+  assert _calls(fake_suite) == ["a 0"]
+  assert len(suite_lib.read_lines(fake_suite / "results", "fake")) == 1
+
+
+def test_report_writes_tables_and_figures(fake_suite):
+  args = ["--results_dir", str(fake_suite / "results")]
+  suite_lib.main(["run", "fake", "--rows", "a", "--workroot", str(fake_suite / "work"), *args])
+  suite_lib.main(["report", "fake", "--resamples", "50", *args])
+  page = (fake_suite / "results" / "fake.md").read_text()
+  assert "| a | `--config.num_epochs=1` | 2 of 2 | 55.00 ± 7.07 | 55.00 ± 7.07 |" in page
+  assert "| a | a | 2 | +0.00 | [+0.00, +0.00] | +0.00 |" in page
+  assert "| b |" in page and "0 of 1" in page
+  for name in ("fake_test_f1.png", "fake_dev_curves.png"):
+    assert (fake_suite / "results" / name).stat().st_size > 1000
+
+
+def test_unknown_suite_or_row_is_one_line_error(fake_suite, capsys):
+  with pytest.raises(suite_lib.SuiteError, match="unknown suite 'nope'"):
+    suite_lib.main(["run", "nope"])
+  with pytest.raises(KeyError, match="no row 'z'"):
+    suite_lib.main(["run", "fake", "--rows", "z"])
+
+
+def test_every_suite_row_is_a_valid_config():
+  from shapca_jax.config import default_config, validate_config
+  for suite in suites_lib.SUITES.values():
+    for row in suite.rows:
+      config = default_config()
+      config.data_dir = "x"
+      for key, value in row.overrides.items():
+        node = config
+        *path, leaf = key.split(".")
+        for part in path:
+          node = node[part]
+        node[leaf] = value
+      validate_config(config)
+      assert row.dataset in suites_lib.SCRIPTS
+    for name, reference in suite.comparisons:
+      suite.row(name), suite.row(reference)
