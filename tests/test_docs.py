@@ -80,7 +80,7 @@ def test_docs_pages_exist():
 
 @pytest.mark.parametrize("heading, expected", [
     ("GPU / TPU, one device", "gpu--tpu-one-device"),
-    ("Ablations (METHOD §7): one switch each", "ablations-method-7-one-switch-each"),
+    ("Ablations (§7): one switch each", "ablations-7-one-switch-each"),
     ("Other papers' numbers (for scale only, not ours)",
      "other-papers-numbers-for-scale-only-not-ours"),
     ("Shapley engine and `mc_shapley`", "shapley-engine-and-mc_shapley"),
