@@ -5,7 +5,7 @@ text of example j). All games are described by the similarity matrix `sim[i, j]`
 player i and anchor j, shape [k, k_a]; every Shapley value returned here has that shape too:
 `phi[i, j]` is the contribution of player i in the game of anchor j.
 
-Every utility of METHOD §4 (a reconstruction, see the README) values a coalition through
+Every utility of METHOD §4 (a reconstruction, see docs/method.md) values a coalition through
 additive sums over its members, so a coalition's value follows from a few running sums:
 
   softmax_expectation  v_j(S) = sum_{i in S} softmax_S(s_.j / tau)_i s_ij   (default)

@@ -13,7 +13,7 @@ the alignment (several MNRE instances share one sentence and image).
 
 Measured on a shared 2-core CPU, all-MiniLM-L6-v2, no images, seed 0, --config.num_epochs=1
 (764 steps, ~15-18 min running): dev-selected test F1 57.99 with Shapley alignment, 57.57
-without (dev 51.65 / 50.59); see the README's relation section.
+without (dev 51.65 / 50.59); see docs/relations.md.
 
 On a GPU/TPU with your own checkpoints and the MNRE images:
   python experiments/train_mnre.py --workdir workdirs/mnre_bert_clip \\
