@@ -6,7 +6,8 @@ Command (fresh machine: `make run` does the same after installing):
 Hardware and time: a 2-core CPU with the bundled all-MiniLM-L6-v2 text encoder, no images,
 BLIP-2 captions as contexts, Shapley context-text alignment, 3 epochs: measured 13.5 minutes
 (812 s, `make run` with setup, the CPU shared with other jobs), 0.85 steps/s, dev-selected
-test F1 81.04 (P 80.95, R 81.13), dev F1 81.19. The ablation rows are in docs/training.md; converged, seeded suites in docs/results/
+test F1 81.04 (P 80.95, R 81.13), dev F1 81.19. The short ablation rows are in
+docs/training.md; converged, seeded suites in docs/results/.
 
 On a GPU/TPU with your own checkpoints and images:
   python experiments/train_twitter17.py --workdir workdirs/t17_bert_clip \\
