@@ -118,9 +118,29 @@ def run_one(row: suites_lib.Row, seed: int, workdir: pathlib.Path) -> Optional[f
   return round(usage.ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
+def recorded_elsewhere(row: suites_lib.Row, seed: int,
+                       results_dir: pathlib.Path) -> Optional[dict[str, Any]]:
+  """The line of ``row.same_as`` for ``seed``, if that run is recorded."""
+  if not row.same_as:
+    return None
+  suite_name, row_name = row.same_as.split("/")
+  source = suites_lib.SUITES[suite_name].row(row_name)
+  if (source.dataset, source.overrides) != (row.dataset, row.overrides):
+    raise SuiteError(f"row {row.name} is declared the same as {row.same_as}, but their datasets "
+                     f"or overrides differ: {row.overrides} vs {source.overrides}")
+  lines = [l for l in read_lines(results_dir, suite_name)
+           if l["row"] == row_name and l["seed"] == seed]
+  return lines[-1] if lines else None
+
+
 def run(suite: suites_lib.Suite, rows: list[suites_lib.Row], seeds: Optional[set[int]],
         workroot: pathlib.Path, results_dir: pathlib.Path) -> None:
-  todo = [(row, seed) for row in rows for seed in row.seeds if seeds is None or seed in seeds]
+  # Seed-major order: every row's first seed before any row's second, so a suite stopped
+  # part-way leaves comparable rows.
+  rank = {row.name: i for i, row in enumerate(rows)}
+  todo = sorted(((row, seed) for row in rows for seed in row.seeds
+                 if seeds is None or seed in seeds),
+                key=lambda item: (item[0].seeds.index(item[1]), rank[item[0].name]))
   done = {(line["row"], line["seed"]) for line in read_lines(results_dir, suite.name)}
   pending = [(row, seed) for row, seed in todo if (row.name, seed) not in done]
   print(f"[{suite.name}] {len(todo) - len(pending)} of {len(todo)} runs already recorded",
@@ -131,14 +151,20 @@ def run(suite: suites_lib.Suite, rows: list[suites_lib.Row], seeds: Optional[set
            if walls else "")
     print(f"[{suite.name}] run {number}/{len(pending)}: {row.name} seed {seed}{eta}", flush=True)
     began = time.time()
-    workdir = workroot / suite.name / row.name / f"seed{seed}"
-    peak = None
-    if not (workdir / "results.json").exists():  # else finished before it was recorded
-      peak = run_one(row, seed, workdir)
-    line = result_line(suite, row, seed, workdir, peak, commit())
     target = predictions_file(results_dir, suite.name, row.name, seed)
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(workdir / "test_predictions.jsonl.gz", target)
+    line = recorded_elsewhere(row, seed, results_dir)
+    if line is not None:
+      source_suite, source_row = row.same_as.split("/")
+      shutil.copyfile(predictions_file(results_dir, source_suite, source_row, seed), target)
+      line = {**line, "suite": suite.name, "row": row.name, "same_as": row.same_as}
+    else:
+      workdir = workroot / suite.name / row.name / f"seed{seed}"
+      peak = None
+      if not (workdir / "results.json").exists():  # else finished before it was recorded
+        peak = run_one(row, seed, workdir)
+      line = result_line(suite, row, seed, workdir, peak, commit())
+      shutil.copyfile(workdir / "test_predictions.jsonl.gz", target)
     with results_file(results_dir, suite.name).open("a") as f:
       f.write(json.dumps(line) + "\n")
     walls.append(time.time() - began)

@@ -16,10 +16,13 @@ SCRIPTS = {"twitter2015": "train_twitter15.py", "twitter2017": "train_twitter17.
 
 @dataclasses.dataclass(frozen=True)
 class Row:
+  """One setting of a suite. ``same_as`` ("suite/row") names a row of another suite with the
+  same dataset and overrides: its recorded runs are this row's, not trained twice."""
   name: str
   overrides: dict[str, Any]
   seeds: tuple[int, ...]
   dataset: str = "twitter2017"
+  same_as: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

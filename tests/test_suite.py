@@ -100,7 +100,9 @@ def test_suite_records_each_run_once_skips_recorded_ones_and_stops_on_a_failed_r
   args = ["run", "fake", "--workroot", str(fake_suite / "work"),
           "--results_dir", str(fake_suite / "results")]
   with pytest.raises(suite_lib.SuiteError, match="run b seed 0 failed with exit code 3"):
-    suite_lib.main(args)
+    suite_lib.main(args)  # seed-major: a 0, b 0 (fails), a 1 never starts
+  assert _calls(fake_suite) == ["a 0", "b 0"]
+  suite_lib.main(args[:2] + ["--rows", "a"] + args[2:])
   lines = suite_lib.read_lines(fake_suite / "results", "fake")
   assert [(l["row"], l["seed"]) for l in lines] == [("a", 0), ("a", 1)]
   assert lines[1]["test"]["f1"] == pytest.approx(0.6)
@@ -109,7 +111,23 @@ def test_suite_records_each_run_once_skips_recorded_ones_and_stops_on_a_failed_r
   assert suite_lib.test_counts(fake_suite / "results", "fake", "a", 1)[:2] == [[0, 1, 1],
                                                                               [1, 1, 1]]
   suite_lib.main(args[:2] + ["--rows", "a"] + args[2:])  # both recorded: nothing runs
-  assert _calls(fake_suite) == ["a 0", "a 1", "b 0"]
+  assert _calls(fake_suite) == ["a 0", "b 0", "a 1"]
+
+
+def test_a_row_declared_the_same_as_another_suites_row_reuses_its_runs(fake_suite, monkeypatch):
+  args = ["--workroot", str(fake_suite / "work"), "--results_dir", str(fake_suite / "results")]
+  suite_lib.main(["run", "fake", "--rows", "a", *args])
+  monkeypatch.setitem(suites_lib.SUITES, "other", suites_lib.Suite("other", "?", rows=(
+      suites_lib.Row("c", {"num_epochs": 1}, (1,), same_as="fake/a"),
+      suites_lib.Row("d", {"num_epochs": 2}, (0,), same_as="fake/a"))))
+  suite_lib.main(["run", "other", "--rows", "c", *args])
+  assert _calls(fake_suite) == ["a 0", "a 1"]  # nothing trained for c
+  [line] = suite_lib.read_lines(fake_suite / "results", "other")
+  assert (line["row"], line["seed"], line["same_as"]) == ("c", 1, "fake/a")
+  assert line["test"]["f1"] == pytest.approx(0.6)
+  assert suite_lib.test_counts(fake_suite / "results", "other", "c", 1)[1] == [1, 1, 1]
+  with pytest.raises(suite_lib.SuiteError, match="overrides differ"):
+    suite_lib.main(["run", "other", "--rows", "d", *args])
 
 
 def test_a_finished_but_unrecorded_run_is_recorded_without_training_again(fake_suite):
