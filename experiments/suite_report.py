@@ -66,7 +66,7 @@ def tables(suite: suites_lib.Suite, results_dir: pathlib.Path, resamples: int) -
          f"Made by `python experiments/suite.py run {suite.name}` then "
          f"`python experiments/suite.py report {suite.name}`; protocol: "
          "[PROTOCOL.md](PROTOCOL.md). F1 in %, mean ± sample std over seeds.", "",
-         "| row | overrides | seeds | dev F1 | test F1 | best epoch | steps/s | peak RSS MiB |",
+         "| row | overrides | seeds | dev F1 | test F1 | best / last epoch | steps/s | peak RSS MiB |",
          "|---|---|---|---|---|---|---|---|"]
   for row in suite.rows:
     runs = rows.get(row.name, {})
@@ -75,7 +75,8 @@ def tables(suite: suites_lib.Suite, results_dir: pathlib.Path, resamples: int) -
                  f"{len(row.seeds)} | | | | | |")
       continue
     lines = [runs[s] for s in sorted(runs)]
-    best_epochs = ", ".join(f"{l['best_step'] * l['epochs'] / l['steps']:.1f}" for l in lines)
+    best_epochs = ", ".join(f"{l['best_step'] * l['epochs'] / l['steps']:.1f} / "
+                            f"{l['last_step'] * l['epochs'] / l['steps']:.1f}" for l in lines)
     rss = [l["peak_rss_mb"] for l in lines if l.get("peak_rss_mb")]
     out.append(
         f"| {row.name} | `{' '.join(suite_lib.flags(row.overrides))}` | {len(lines)} of "
