@@ -76,6 +76,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.num_epochs = 3
   config.max_steps = -1                     # > 0 stops early (tests, smoke runs)
   config.evals_per_epoch = 1                # dev evaluations (and best-checkpoint chances) per epoch
+  config.stop_after_epochs = 0              # > 0: train only this many epochs of the num_epochs
+                                            # schedule (a fixed budget shorter than the schedule)
   config.early_stop_patience = 0            # > 0: stop after this many dev evaluations without a
                                             # new best (the schedule still spans num_epochs)
   config.learning_rate = ml_collections.ConfigDict()
@@ -132,7 +134,8 @@ _POSITIVE = ("max_length", "batch_size", "eval_batch_size", "proj_dim", "pair_di
              "grad_clip_norm", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
              "evals_per_epoch")
 
-_NON_NEGATIVE = ("weight_decay", "align.lambda_ct", "align.lambda_ci", "early_stop_patience")
+_NON_NEGATIVE = ("weight_decay", "align.lambda_ct", "align.lambda_ci", "early_stop_patience",
+                 "stop_after_epochs")
 
 
 def validate_config(config: Any) -> None:
@@ -154,7 +157,7 @@ def validate_config(config: Any) -> None:
   for key in _NON_NEGATIVE:
     if not flat[key] >= 0:
       raise ConfigError(f"config.{key}={flat[key]!r} must be >= 0")
-  for key in ("evals_per_epoch", "early_stop_patience"):
+  for key in ("evals_per_epoch", "early_stop_patience", "stop_after_epochs"):
     if not isinstance(flat[key], int) or isinstance(flat[key], bool):
       raise ConfigError(f"config.{key}={flat[key]!r} must be an int")
   for key in ("mesh.data", "mesh.fsdp"):

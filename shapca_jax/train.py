@@ -57,9 +57,11 @@ METRICS_LOG = "metrics.jsonl"
 # example's counts of the selection metric so that intervals (bootstrap over examples) can be
 # recomputed without the model.
 TEST_PREDICTIONS_FILE = "test_predictions.jsonl.gz"
-# Keys that may change when a run is resumed: they steer bookkeeping, not the numbers (a run
-# may continue on another mesh: checkpoints restore onto any sharding).
-RESUME_IGNORE_KEYS = ("log_every_steps", "progress_bar", "eval_batch_size", "mesh.*")
+# Keys that may change when a run is resumed: they steer bookkeeping or where the run stops, not
+# the numbers of the steps it takes (a run may continue on another mesh: checkpoints restore
+# onto any sharding).
+RESUME_IGNORE_KEYS = ("log_every_steps", "progress_bar", "eval_batch_size", "mesh.*",
+                      "stop_after_epochs", "early_stop_patience")
 # Row fields that place an evaluated row in its split (see `predict_split`).
 ROW_FIELDS = ("example_index", "valid", "num_words")
 
@@ -482,14 +484,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       iterator.set_state(restored.data_state)
       logging.info("resumed from step %d in %s", first_step, workdir)
     last_saved = first_step if restored is not None else None
-    evaluated = eval_steps(steps_per_epoch, config.evals_per_epoch, total_steps)
+    stop_step = total_steps
+    if config.stop_after_epochs > 0:
+      stop_step = min(total_steps, config.stop_after_epochs * steps_per_epoch)
+    evaluated = eval_steps(steps_per_epoch, config.evals_per_epoch, stop_step)
 
     def patience_spent(step: int) -> bool:
       best_step = ckpt.best["step"] if ckpt.best else None
       return (config.early_stop_patience > 0 and step in evaluated
               and evaluations_since_best(evaluated, step, best_step) >= config.early_stop_patience)
 
-    last_step = first_step if patience_spent(first_step) else total_steps
+    last_step = first_step if patience_spent(first_step) else stop_step
 
     compile_began = time.perf_counter()
     jitted_step = sharding.jit_train_step(
@@ -521,7 +526,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         bar.set_postfix(loss=f"{logged[-1][1]['loss']:.4f}", steps_per_s=f"{timer.rate():.2f}")
       # An early stop may follow an evaluation: the checkpoint before it must be the last one.
       stop_may_follow = is_eval and config.early_stop_patience > 0
-      if ckpt.should_save(step) or step == total_steps or stop_may_follow:
+      if ckpt.should_save(step) or step == last_step or stop_may_follow:
         with timer.excluding("checkpoint"):
           ckpt.save_latest(step, state, data_state=iterator.get_state(), rng=train_rng)
         last_saved = step

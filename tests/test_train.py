@@ -276,3 +276,19 @@ def test_early_stop_ends_after_patience_evaluations_without_a_new_best(tiny, tmp
   assert results["best_step"] == 2 and results["last_step"] == 5 and results["steps"] == 20
   again = train.train_and_evaluate(config, tmp_path)  # a rerun trains no further
   assert again["last_step"] == 5 and again["test"]["f1"] == results["test"]["f1"]
+
+
+def test_stop_after_epochs_trains_part_of_the_schedule_and_resumes_to_a_later_stop(tiny,
+                                                                                   tmp_path):
+  config = train_fixtures.tiny_config(*tiny)
+  config.num_epochs = 4
+  train.train_and_evaluate(config, tmp_path / "whole")  # the oracle: the whole schedule
+  whole = _losses(tmp_path / "whole")
+  config.stop_after_epochs = 2
+  part = train.train_and_evaluate(config, tmp_path / "part")
+  assert part["last_step"] == 10 and part["steps"] == 20
+  assert _losses(tmp_path / "part") == {s: whole[s] for s in range(1, 11)}
+  config.stop_after_epochs = 3  # a stopping key: the run resumes instead of refusing
+  more = train.train_and_evaluate(config, tmp_path / "part")
+  assert more["last_step"] == 15
+  assert _losses(tmp_path / "part") == {s: whole[s] for s in range(1, 16)}
