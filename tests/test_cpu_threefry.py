@@ -1,5 +1,7 @@
-"""Tests for shapca_jax.cpu_threefry: the same hash, so the same random bits, either form."""
+"""Tests for shapca_jax.cpu_threefry: the same hash, so the same random bits, either form; and
+nothing of shapca_jax installs it on import."""
 
+import json
 import subprocess
 import sys
 
@@ -10,7 +12,6 @@ import pytest
 from jax.extend.random import threefry_2x32
 
 from shapca_jax import cpu_threefry
-import shapca_jax.steps  # noqa: F401  (installs the lowering)
 
 # Random123's known answers for Threefry-2x32 with 20 rounds: (key, counter) -> output.
 KNOWN_ANSWERS = [
@@ -32,6 +33,29 @@ draws = [jax.random.bits(key, (5000,), jnp.uint32),
          jax.random.permutation(jax.random.key(3), 100)]
 print(hashlib.sha256(b"".join(np.asarray(d).tobytes() for d in draws)).hexdigest())
 """ % LARGE
+
+# Lowers one large draw before and after importing every module of shapca_jax, then after
+# install(): the import must leave the lowering as JAX made it, install() must change it.
+LOWERINGS = """
+import importlib, json, pkgutil, jax, jax.numpy as jnp
+lowered = lambda: jax.jit(lambda key: jax.random.bits(key, (%d,), jnp.uint32)).lower(
+    jax.random.key(0)).as_text()
+before = lowered()
+import shapca_jax
+modules = sorted(m.name for m in pkgutil.walk_packages(shapca_jax.__path__, "shapca_jax."))
+for name in modules:
+  importlib.import_module(name)
+after_imports = lowered()
+from shapca_jax import cpu_threefry
+cpu_threefry.install()
+print(json.dumps({"modules": modules, "before": before, "after_imports": after_imports,
+                  "installed": lowered()}))
+""" % LARGE
+
+
+@pytest.fixture(scope="module", autouse=True)
+def installed():
+  assert cpu_threefry.install()
 
 
 @pytest.mark.parametrize("form", [cpu_threefry.threefry2x32, cpu_threefry.threefry2x32_loop])
@@ -55,7 +79,16 @@ def test_random_bits_equal_those_of_a_process_without_it():
                           text=True, check=True).stdout.strip()
 
   reference = digest("")
-  assert len(reference) == 64 and digest("import shapca_jax.steps\n") == reference
+  installing = "from shapca_jax import cpu_threefry\ncpu_threefry.install()\n"
+  assert len(reference) == 64 and digest(installing) == reference
+
+
+def test_importing_shapca_jax_leaves_the_lowering_alone():
+  out = json.loads(subprocess.run([sys.executable, "-c", LOWERINGS], capture_output=True,
+                                  text=True, check=True).stdout.strip().splitlines()[-1])
+  assert {"shapca_jax.steps", "shapca_jax.shapley", "shapca_jax.train"} <= set(out["modules"])
+  assert out["after_imports"] == out["before"]
+  assert out["installed"] != out["before"]  # The comparison sees an installed lowering.
 
 
 @pytest.mark.parametrize("size, loops", [(LARGE // 2, True), (LARGE, False)])
