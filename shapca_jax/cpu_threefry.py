@@ -13,8 +13,9 @@ ranking compares each key with all others, and took 175 instead of 88 us.
 The hash is the same function either way, so every random bit, and with it every result,
 is unchanged. `tests/test_cpu_threefry.py` checks the Random123 known answers and the bits of
 `jax.random` against a process without this lowering. `install()` affects computations
-compiled afterwards, in the whole process; importing `shapca_jax.shapley` or
-`shapca_jax.steps` calls it.
+compiled afterwards, in the whole process, so nothing calls it on import: `train_and_evaluate`
+does when `config.cpu_threefry` is set and the backend is the CPU, the CPU benchmarks with
+`--cpu_threefry`.
 """
 
 import functools
