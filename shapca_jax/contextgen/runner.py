@@ -8,6 +8,7 @@ by every run) and in the summary, and are tried again by the next run.
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import pathlib
@@ -78,16 +79,23 @@ def _check_one_generator(scan: store.Scan, path: pathlib.Path, generator: str, s
           "explicitly (allow_mixed=True, --allow_mixed)")
 
 
-async def _describe_batch(backend: backends.Backend,
-                          batch: Sequence[images_lib.ImageRef]) -> list[_Outcome]:
-  """Per image of `batch`: its context, or the exception saying why it has none."""
-  outcomes: dict[str, _Outcome] = {}
-  loaded = []
+def _load_batch(batch: Sequence[images_lib.ImageRef]
+                ) -> tuple[list[images_lib.LoadedImage], dict[str, _Outcome]]:
+  """The images of `batch` that load, and the reason for each that does not."""
+  loaded, failures = [], {}
   for ref in batch:
     try:
       loaded.append(images_lib.load_image(ref))
     except images_lib.ImageError as e:
-      outcomes[ref.image_id] = e
+      failures[ref.image_id] = e
+  return loaded, failures
+
+
+async def _describe_batch(backend: backends.Backend,
+                          batch: Sequence[images_lib.ImageRef]) -> list[_Outcome]:
+  """Per image of `batch`: its context, or the exception saying why it has none."""
+  # In a thread: reading and decoding the files must not stall the requests in flight.
+  loaded, outcomes = await asyncio.to_thread(_load_batch, batch)
   if loaded:
     try:
       results = await backend.generate(loaded)
@@ -106,15 +114,17 @@ async def _run_batches(backend: backends.Backend,
                        ) -> str | None:
   """Runs the batches, `backend.concurrency` at a time, calling `on_done` as each finishes.
 
-  Each of `backend.concurrency` workers takes the next batch when it is done with one. After a
-  FatalBackendError no batch starts; those already running finish and are recorded. On Ctrl-C
-  the running batches are cancelled; what is written so far stays valid.
+  Each of `backend.concurrency` workers takes the next batch when it is done with one. `on_done`
+  runs in one writer thread, a call at a time: its fsync must not stall the requests in flight.
+  After a FatalBackendError no batch starts; those already running finish and are recorded. On
+  Ctrl-C the running batches are cancelled; what is written so far stays valid.
   Returns the fatal error's message, or None.
   """
   queue = collections.deque(batches)
   fatal: list[str] = []
+  loop = asyncio.get_running_loop()
 
-  async def worker() -> None:
+  async def worker(writer: concurrent.futures.Executor) -> None:
     while queue and not fatal:
       batch = queue.popleft()
       try:
@@ -122,10 +132,11 @@ async def _run_batches(backend: backends.Backend,
       except backends.FatalBackendError as e:
         fatal.append(str(e))
         continue
-      on_done(batch, outcomes)
+      await loop.run_in_executor(writer, on_done, batch, outcomes)
 
-  async with backend:
-    await asyncio.gather(*(worker() for _ in range(backend.concurrency)))
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="contextgen-writer") as writer:
+    async with backend:
+      await asyncio.gather(*(worker(writer) for _ in range(backend.concurrency)))
   return fatal[0] if fatal else None
 
 
