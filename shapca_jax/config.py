@@ -83,9 +83,6 @@ def default_config() -> ml_collections.ConfigDict:
   config.warmup_ratio = 0.1
   config.grad_clip_norm = 1.0
   config.seed = 0
-  # On a CPU backend, hash large threefry draws (dropout masks) as straight-line code
-  # (shapca_jax/cpu_threefry.py): the same random bits, a faster step.
-  config.cpu_threefry = True
 
   # Devices (shapca_jax/sharding.py): batch rows split over data x fsdp devices; fsdp > 1 also
   # splits params and optimizer state. -1 takes every device the other axis leaves. batch_size
@@ -165,8 +162,6 @@ def validate_config(config: Any) -> None:
     if devices > 0 and flat[key] % devices:  # with a -1 size, train checks the device count
       raise ConfigError(f"config.{key}={flat[key]} does not split over config.mesh.data x "
                         f"config.mesh.fsdp = {devices} devices")
-  if not isinstance(flat["cpu_threefry"], bool):
-    raise ConfigError(f"config.cpu_threefry={flat['cpu_threefry']!r} must be True or False")
   if not 0 <= flat["warmup_ratio"] < 1:
     raise ConfigError(f"config.warmup_ratio={flat['warmup_ratio']!r} must be in [0, 1)")
   if not 0 <= flat["dropout_rate"] < 1:

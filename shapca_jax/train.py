@@ -34,7 +34,6 @@ import numpy as np
 import tqdm
 
 from shapca_jax import checkpoint
-from shapca_jax import cpu_threefry
 from shapca_jax import metrics as metrics_lib
 from shapca_jax import optim
 from shapca_jax import sharding
@@ -55,8 +54,7 @@ RESULTS_FILE = "results.json"
 METRICS_LOG = "metrics.jsonl"
 # Keys that may change when a run is resumed: they steer bookkeeping, not the numbers (a run
 # may continue on another mesh: checkpoints restore onto any sharding).
-RESUME_IGNORE_KEYS = ("log_every_steps", "progress_bar", "eval_batch_size", "mesh.*",
-                      "cpu_threefry")
+RESUME_IGNORE_KEYS = ("log_every_steps", "progress_bar", "eval_batch_size", "mesh.*")
 # Row fields that place an evaluated row in its split (see `predict_split`).
 ROW_FIELDS = ("example_index", "valid", "num_words")
 
@@ -437,8 +435,6 @@ def _append_jsonl(path: pathlib.Path, record: dict) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains, selects the best dev checkpoint, scores it on test; returns the results dict."""
   validate_config(config)
-  if config.cpu_threefry and jax.default_backend() == "cpu":
-    cpu_threefry.install()
   mesh = sharding.mesh_from_config(config)
   for key in ("batch_size", "eval_batch_size"):
     if config[key] % mesh.size:

@@ -42,13 +42,6 @@ def test_impossible_values_name_the_key(key, value, pattern):
     validate_config(config)
 
 
-def test_cpu_threefry_must_be_a_bool():
-  config = _valid().to_dict()  # A ConfigDict itself refuses to hold another type there.
-  config["cpu_threefry"] = "yes"
-  with pytest.raises(ConfigError, match="config.cpu_threefry='yes' must be True or False"):
-    validate_config(config)
-
-
 def test_unknown_key_is_named():
   config = _valid()
   config.unlock()
