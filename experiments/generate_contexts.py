@@ -60,11 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   openai.add_argument("--api_key_env", default="OPENAI_API_KEY",
                       help="environment variable holding the API key (default: %(default)s)")
   openai.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-  openai.add_argument("--timeout_s", type=float, default=120.0)
+  openai.add_argument("--timeout_s", type=float, default=120.0,
+                      help="seconds for the connection and each read or write "
+                      "(default: %(default)s)")
+  openai.add_argument("--max_retries", type=int, default=5,
+                      help="retries per image of connection errors, timeouts, 408/409/429, 5xx "
+                      "and malformed bodies, with the openai client's backoff and Retry-After "
+                      "(default: %(default)s)")
   openai.add_argument("--temperature", type=float, default=0.0)
-  openai.add_argument("--max_attempts", type=int, default=6)
-  openai.add_argument("--backoff_base_s", type=float, default=1.0)
-  openai.add_argument("--backoff_max_s", type=float, default=60.0)
 
   local = parser.add_argument_group("transformers backend")
   local.add_argument("--model_dir", help="local llava-hf LLaVA-1.5 checkpoint folder")
@@ -86,9 +89,8 @@ def build_backend(args: argparse.Namespace, prompt: str) -> backends.Backend:
   if args.backend == "openai":
     config = backends.OpenAIConfig(
         base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
-        timeout_s=args.timeout_s, max_tokens=args.max_tokens, temperature=args.temperature,
-        concurrency=args.concurrency,
-        retry=backends.RetryPolicy(args.max_attempts, args.backoff_base_s, args.backoff_max_s))
+        timeout_s=args.timeout_s, max_retries=args.max_retries, max_tokens=args.max_tokens,
+        temperature=args.temperature, concurrency=args.concurrency)
     return backends.OpenAIBackend(config, prompt, generator=args.generator)
   config = backends.TransformersConfig(args.model_dir, batch_size=args.batch_size,
                                        max_new_tokens=args.max_tokens, device=args.device,
@@ -100,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
   """Exit status: 0 when every image has its context, 1 when some failed, 2 for bad input."""
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  # A line per request and per retry would drown the progress bar; failures are in the summary.
+  for client_logger in ("openai", "httpx", "httpx2"):
+    logging.getLogger(client_logger).setLevel(logging.WARNING)
   try:
     prompt = (pathlib.Path(args.prompt_file).read_text("utf-8") if args.prompt_file
               else args.prompt)

@@ -1,9 +1,10 @@
 """Evaluation metrics for the three Shap-CA tasks (METHOD §1), on the host in numpy/Python.
 
 - MNER: entity-level micro precision / recall / F1 and a per-type report over BIO word tags,
-  equal to seqeval's default (conlleval) mode: `B-x` always starts an entity, an `I-x` that
-  does not continue an entity of type x (a "stray" I-) starts one, and an entity ends at `O`,
-  at `B-`, at a type change and at the end of the sentence.
+  with the entities of `data.labels.bio_spans`: equal to seqeval's default (conlleval) mode,
+  where `B-x` always starts an entity, an `I-x` that does not continue an entity of type x (a
+  "stray" I-) starts one, and an entity ends at `O`, at `B-`, at a type change and at the end
+  of the sentence. seqeval itself is only the tests' oracle.
 - MRE: micro P/R/F1 over the non-`None` labels; a `None` prediction or gold label counts only
   as a miss or a false alarm (scikit-learn's `f1_score(labels=non_none, average="micro")`).
 - MJERE: exact-match P/R/F1 over per-example sets of tuples (quintuples, entities).
@@ -17,8 +18,9 @@ import collections
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
+from shapca_jax.data import labels
+
 Scores = dict[str, Any]
-Span = tuple[str, int, int]  # (type, start, end) with end exclusive.
 
 
 def prf(num_correct: int, num_pred: int, num_gold: int) -> Scores:
@@ -71,35 +73,6 @@ def set_f1(
   return scores
 
 
-def bio_spans(tags: Sequence[str], where: str = "tags") -> list[Span]:
-  """Entities of one sentence of BIO tags, in the conlleval / seqeval default convention.
-
-  Args:
-    tags: `O`, `B-<type>` or `I-<type>` per word.
-    where: names the sentence in error messages.
-
-  Returns:
-    `(type, start, end)` per entity in order, `end` exclusive.
-  """
-  spans = []
-  open_type, open_start = None, 0
-  for i, tag in enumerate(tags):
-    prefix, _, entity_type = str(tag).partition("-")
-    if tag == "O":
-      prefix, entity_type = "O", None
-    elif prefix not in ("B", "I") or not entity_type:
-      raise ValueError(f"{where}, word {i}: tag {tag!r} is not O, B-<type> or I-<type>")
-    continues = prefix == "I" and entity_type == open_type
-    if open_type is not None and not continues:
-      spans.append((open_type, open_start, i))
-      open_type = None
-    if entity_type is not None and not continues:
-      open_type, open_start = entity_type, i
-  if open_type is not None:
-    spans.append((open_type, open_start, len(tags)))
-  return spans
-
-
 def entity_f1(gold_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str]]) -> Scores:
   """Entity-level micro P/R/F1 and per-type report over BIO-tagged sentences (MNER).
 
@@ -118,9 +91,10 @@ def entity_f1(gold_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[s
   for n, (gold, pred) in enumerate(zip(gold_tags, pred_tags)):
     if len(gold) != len(pred):
       raise ValueError(f"sentence {n}: {len(gold)} gold tags but {len(pred)} predicted tags")
-  gold_spans = [bio_spans(tags, f"gold sentence {n}") for n, tags in enumerate(gold_tags)]
-  pred_spans = [bio_spans(tags, f"predicted sentence {n}") for n, tags in enumerate(pred_tags)]
-  return set_f1(gold_spans, pred_spans, type_of=lambda span: span[0])
+  gold_spans = [labels.bio_spans(tags, f"gold sentence {n}") for n, tags in enumerate(gold_tags)]
+  pred_spans = [labels.bio_spans(tags, f"predicted sentence {n}")
+                for n, tags in enumerate(pred_tags)]
+  return set_f1(gold_spans, pred_spans, type_of=lambda span: span.label)
 
 
 def relation_f1(

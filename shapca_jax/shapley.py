@@ -31,11 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shapca_jax import cpu_threefry
-
-# The permutation draw is a threefry draw: same bits, hashed faster on CPU (cpu_threefry).
-cpu_threefry.install()
-
 UTILITIES = ("softmax_expectation", "mean_embedding", "logsumexp", "uniform_mean")
 
 # Coalition enumeration costs 2^k rows; beyond this many players use `mc_shapley`.

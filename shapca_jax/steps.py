@@ -13,11 +13,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from shapca_jax import cpu_threefry, losses
+from shapca_jax import losses
 from shapca_jax.models.shapca import ShapCA
-
-# Dropout masks are large threefry draws: same bits, hashed faster on CPU (cpu_threefry).
-cpu_threefry.install()
 
 Batch = dict[str, np.ndarray]
 TrainState = train_state.TrainState

@@ -46,9 +46,8 @@ def image_bytes(image_dir):
 
 
 def openai_backend(url, concurrency=4, prompt=PROMPT):
-  config = backends.OpenAIConfig(
-      base_url=url, model=fake.MODEL, api_key_env=KEY_ENV, timeout_s=0.3, concurrency=concurrency,
-      retry=backends.RetryPolicy(max_attempts=4, backoff_base_s=0.01, backoff_max_s=1.0))
+  config = backends.OpenAIConfig(base_url=url, model=fake.MODEL, api_key_env=KEY_ENV,
+                                 timeout_s=0.3, max_retries=3, concurrency=concurrency)
   return backends.OpenAIBackend(config, prompt)
 
 

@@ -43,3 +43,14 @@ def test_bio_spans_count_stray_inside_tags_as_entities():
   tags = ["I-PER", "I-PER", "O", "B-LOC", "I-ORG", "I-ORG"]
   assert labels.bio_spans(tags) == [labels.Span(0, 2, "PER"), labels.Span(3, 4, "LOC"),
                                     labels.Span(4, 6, "ORG")]
+  tags = ["I-PER", "I-PER", "B-PER", "I-LOC", "O", "I-ORG", "B-ORG", "I-ORG"]
+  assert labels.bio_spans(tags) == [labels.Span(0, 2, "PER"), labels.Span(2, 3, "PER"),
+                                    labels.Span(3, 4, "LOC"), labels.Span(5, 6, "ORG"),
+                                    labels.Span(6, 8, "ORG")]
+  assert labels.bio_spans([]) == []
+
+
+@pytest.mark.parametrize("bad", ["B", "X-PER", "I-", "per", "", "O-PER"])
+def test_bio_spans_reject_malformed_tags_naming_the_word(bad):
+  with pytest.raises(ValueError, match=r"gold sentence 3, word 2: tag"):
+    labels.bio_spans(["O", "B-PER", bad], "gold sentence 3")

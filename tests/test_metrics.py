@@ -1,4 +1,5 @@
-"""Tests for shapca_jax.metrics against seqeval, scikit-learn and hand-counted cases."""
+"""Tests for shapca_jax.metrics against seqeval (a test-only oracle), scikit-learn and
+hand-counted cases."""
 
 import random
 
@@ -56,13 +57,6 @@ def assert_equal_to_seqeval(gold, pred):
     assert ours["per_type"][name]["f1"] == pytest.approx(row["f1-score"], abs=1e-12)
     assert ours["per_type"][name]["num_gold"] == row["support"]
   return ours
-
-
-def test_bio_spans_conlleval_convention():
-  tags = ["I-PER", "I-PER", "B-PER", "I-LOC", "O", "I-ORG", "B-ORG", "I-ORG"]
-  assert metrics.bio_spans(tags) == [
-      ("PER", 0, 2), ("PER", 2, 3), ("LOC", 3, 4), ("ORG", 5, 6), ("ORG", 6, 8)]
-  assert metrics.bio_spans([]) == []
 
 
 def test_entity_f1_on_twitter2017_dev_with_perturbed_predictions(shared_data_dir):

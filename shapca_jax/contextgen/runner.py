@@ -6,6 +6,7 @@ Images that got no context in a run are listed with their reason in the failures
 by every run) and in the summary, and are tried again by the next run.
 """
 
+import asyncio
 import collections
 import concurrent.futures
 import dataclasses
@@ -78,19 +79,26 @@ def _check_one_generator(scan: store.Scan, path: pathlib.Path, generator: str, s
           "explicitly (allow_mixed=True, --allow_mixed)")
 
 
-def _describe_batch(backend: backends.Backend,
-                    batch: Sequence[images_lib.ImageRef]) -> list[_Outcome]:
-  """Per image of `batch`: its context, or the exception saying why it has none."""
-  outcomes: dict[str, _Outcome] = {}
-  loaded = []
+def _load_batch(batch: Sequence[images_lib.ImageRef]
+                ) -> tuple[list[images_lib.LoadedImage], dict[str, _Outcome]]:
+  """The images of `batch` that load, and the reason for each that does not."""
+  loaded, failures = [], {}
   for ref in batch:
     try:
       loaded.append(images_lib.load_image(ref))
     except images_lib.ImageError as e:
-      outcomes[ref.image_id] = e
+      failures[ref.image_id] = e
+  return loaded, failures
+
+
+async def _describe_batch(backend: backends.Backend,
+                          batch: Sequence[images_lib.ImageRef]) -> list[_Outcome]:
+  """Per image of `batch`: its context, or the exception saying why it has none."""
+  # In a thread: reading and decoding the files must not stall the requests in flight.
+  loaded, outcomes = await asyncio.to_thread(_load_batch, batch)
   if loaded:
     try:
-      results = backend.generate(loaded)
+      results = await backend.generate(loaded)
     except backends.GenerationError as e:
       results = [e] * len(loaded)
     if len(results) != len(loaded):
@@ -100,45 +108,36 @@ def _describe_batch(backend: backends.Backend,
   return [outcomes[ref.image_id] for ref in batch]
 
 
-def _run_batches(backend: backends.Backend, batches: Sequence[Sequence[images_lib.ImageRef]],
-                 on_done: Callable[[Sequence[images_lib.ImageRef], list[_Outcome]], None]
-                 ) -> str | None:
+async def _run_batches(backend: backends.Backend,
+                       batches: Sequence[Sequence[images_lib.ImageRef]],
+                       on_done: Callable[[Sequence[images_lib.ImageRef], list[_Outcome]], None]
+                       ) -> str | None:
   """Runs the batches, `backend.concurrency` at a time, calling `on_done` as each finishes.
 
-  At most twice the concurrency is submitted at once: enough that no worker waits for work, and
-  little to cancel. After a FatalBackendError nothing new starts; batches already running
-  finish and are recorded.
+  Each of `backend.concurrency` workers takes the next batch when it is done with one. `on_done`
+  runs in one writer thread, a call at a time: its fsync must not stall the requests in flight.
+  After a FatalBackendError no batch starts; those already running finish and are recorded. On
+  Ctrl-C the running batches are cancelled; what is written so far stays valid.
   Returns the fatal error's message, or None.
   """
   queue = collections.deque(batches)
-  fatal = None
-  pool = concurrent.futures.ThreadPoolExecutor(backend.concurrency,
-                                               thread_name_prefix="contextgen")
-  pending: dict[concurrent.futures.Future, Sequence[images_lib.ImageRef]] = {}
-  try:
-    while pending or (queue and fatal is None):
-      while queue and fatal is None and len(pending) < 2 * backend.concurrency:
-        batch = queue.popleft()
-        pending[pool.submit(_describe_batch, backend, batch)] = batch
-      finished, _ = concurrent.futures.wait(pending,
-                                            return_when=concurrent.futures.FIRST_COMPLETED)
-      for future in finished:
-        batch = pending.pop(future)
-        if future.cancelled():
-          continue
-        try:
-          outcomes = future.result()
-        except backends.FatalBackendError as e:
-          if fatal is None:
-            fatal = str(e)
-            for queued in pending:  # Those already running cannot be cancelled; they finish.
-              queued.cancel()
-          continue
-        on_done(batch, outcomes)
-  finally:
-    # On Ctrl-C (or a bug) drop the queued batches; what is written so far stays valid.
-    pool.shutdown(wait=not pending, cancel_futures=True)
-  return fatal
+  fatal: list[str] = []
+  loop = asyncio.get_running_loop()
+
+  async def worker(writer: concurrent.futures.Executor) -> None:
+    while queue and not fatal:
+      batch = queue.popleft()
+      try:
+        outcomes = await _describe_batch(backend, batch)
+      except backends.FatalBackendError as e:
+        fatal.append(str(e))
+        continue
+      await loop.run_in_executor(writer, on_done, batch, outcomes)
+
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="contextgen-writer") as writer:
+    async with backend:
+      await asyncio.gather(*(worker(writer) for _ in range(backend.concurrency)))
+  return fatal[0] if fatal else None
 
 
 def generate_contexts(refs: Sequence[images_lib.ImageRef], backend: backends.Backend,
@@ -195,7 +194,7 @@ def generate_contexts(refs: Sequence[images_lib.ImageRef], backend: backends.Bac
       bar.update(len(batch))
       bar.set_postfix(failed=len(summary.failures), refresh=False)
 
-    summary.aborted = _run_batches(backend, batches, record)
+    summary.aborted = asyncio.run(_run_batches(backend, batches, record))
   if sort:
     store.sort_contexts(contexts_path)
   summary.elapsed_s = time.monotonic() - start

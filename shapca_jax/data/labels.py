@@ -74,16 +74,20 @@ MNRE_RELATION_IDS = {name: i for i, name in enumerate(MNRE_RELATIONS)}
 GRID_LABEL_IDS = {name: i for i, name in enumerate(GRID_LABELS)}
 
 
-def bio_spans(tags: Sequence[str]) -> list[Span]:
+def bio_spans(tags: Sequence[str], where: str = "tags") -> list[Span]:
   """Entity spans of a BIO tag sequence, the conlleval / seqeval-default way.
 
-  An `I-X` that does not continue an entity of type X starts a new one, so stray `I-` tags
-  (Twitter-2015 has a few hundred) are counted as entities, exactly as the metric counts them.
+  `B-X` starts an entity, and so does an `I-X` that does not continue an entity of type X:
+  stray `I-` tags (Twitter-2015 has a few hundred) are entities, as the metric counts them. An
+  entity ends at `O`, at `B-`, at a type change and at the end of the sequence.
+  A tag other than `O`, `B-<type>` or `I-<type>` raises ValueError naming `where` and the word.
   """
   spans = []
   start, kind = None, None
   for i, tag in enumerate(tuple(tags) + ("O",)):
-    prefix, _, tag_kind = tag.partition("-")
+    prefix, _, tag_kind = str(tag).partition("-")
+    if tag != "O" and (prefix not in ("B", "I") or not tag_kind):
+      raise ValueError(f"{where}, word {i}: tag {tag!r} is not O, B-<type> or I-<type>")
     continues = prefix == "I" and kind == tag_kind
     if start is not None and not continues:
       spans.append(Span(start, i, kind))
