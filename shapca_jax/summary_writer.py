@@ -10,7 +10,7 @@ The writer is TensorBoard's own event file writer (the one ``torch.utils.tensorb
 it takes host numbers only and writes them from a background thread, so a call never waits on
 the device.
 
-A resumed run replays the steps after its checkpoint. ``resume_step`` marks the restart in the
+A resumed run replays the steps after its checkpoint. ``resumed(step)`` marks the restart in the
 new event file (TensorBoard's ``SessionLog.START``): TensorBoard then drops the points at later
 steps that the interrupted run wrote, and each step shows once.
 """
@@ -19,7 +19,7 @@ import numbers
 import os
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any, Optional
+from typing import Any
 
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -44,12 +44,15 @@ class SummaryWriter:
   nothing.
   """
 
-  def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True,
-               resume_step: Optional[int] = None):
+  def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True):
     self._writer = EventFileWriter(str(logdir)) if enabled else None
-    if self._writer is not None and resume_step is not None:
+
+  def resumed(self, step: int) -> None:
+    """Marks that the run goes on from its checkpoint of ``step``: TensorBoard drops the points
+    after ``step`` that the interrupted run wrote, which the resumed run writes again."""
+    if self._writer is not None:
       self._writer.add_event(event_pb2.Event(
-          wall_time=time.time(), step=resume_step + 1,
+          wall_time=time.time(), step=step + 1,
           session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   def scalars(self, step: int, record: Mapping[str, Any]) -> None:

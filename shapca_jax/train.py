@@ -38,6 +38,7 @@ from shapca_jax import metrics as metrics_lib
 from shapca_jax import optim
 from shapca_jax import sharding
 from shapca_jax import steps
+from shapca_jax import summary_writer
 from shapca_jax import wordpair
 from shapca_jax.config import validate_config
 from shapca_jax.data import builders, images, labels, readers, tokenization
@@ -54,7 +55,8 @@ RESULTS_FILE = "results.json"
 METRICS_LOG = "metrics.jsonl"
 # Keys that may change when a run is resumed: they steer bookkeeping, not the numbers (a run
 # may continue on another mesh: checkpoints restore onto any sharding).
-RESUME_IGNORE_KEYS = ("log_every_steps", "progress_bar", "eval_batch_size", "mesh.*")
+RESUME_IGNORE_KEYS = ("log_every_steps", "progress_bar", "tensorboard", "eval_batch_size",
+                      "mesh.*")
 # Row fields that place an evaluated row in its split (see `predict_split`).
 ROW_FIELDS = ("example_index", "valid", "num_words")
 
@@ -458,6 +460,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       params, learning_rates=dict(config.learning_rate), total_steps=total_steps,
       warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
       grad_clip_norm=config.grad_clip_norm)
+  learning_rates = optim.learning_rate_table(dict(config.learning_rate), total_steps,
+                                             config.warmup_ratio)
   state, shardings = sharding.create_sharded(
       functools.partial(steps.create_train_state, model, tx=tx), params, mesh)
   del params, pretrained
@@ -469,13 +473,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   with checkpoint.TrainCheckpointer(
       workdir, config.to_dict(), save_every_steps=config.checkpoint_every_steps,
       keep_latest=config.keep_checkpoints, best_metric="f1",
-      resume_ignore_keys=RESUME_IGNORE_KEYS) as ckpt:
+      resume_ignore_keys=RESUME_IGNORE_KEYS) as ckpt, summary_writer.SummaryWriter(
+          workdir, enabled=config.tensorboard and jax.process_index() == 0) as summaries:
     restored = ckpt.restore_latest(sharding.with_shardings(state, shardings))
     first_step = 0
     if restored is not None:
       state, first_step = restored.state, restored.step
       iterator.set_state(restored.data_state)
       logging.info("resumed from step %d in %s", first_step, workdir)
+      summaries.resumed(first_step)
     last_saved = first_step if restored is not None else None
 
     compile_began = time.perf_counter()
@@ -497,15 +503,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       state, step_metrics = step_fn(state, sharding.global_batch(next(iterator), mesh), train_rng)
       pending.append((step, step_metrics))
       timer.steps += 1
-      bar.update(1)
       is_eval = step % steps_per_epoch == 0 or step == total_steps
       if step % config.log_every_steps == 0 or is_eval or ckpt.should_save(step):
         logged = _host_metrics(pending)
         pending = []
         _check_finite(logged, last_saved)
         for s, values in logged:
-          _append_jsonl(metrics_log, {"step": s, **values})
-        bar.set_postfix(loss=f"{logged[-1][1]['loss']:.4f}", steps_per_s=f"{timer.rate():.2f}")
+          record = {**values, "learning_rate": {g: float(lr[s - 1]) for g, lr in
+                                                learning_rates.items()}}
+          _append_jsonl(metrics_log, {"step": s, **record})
+          summaries.scalars(s, record)
+        summaries.flush()
+        # The bar moves only here, where the steps are known to be done: its rate and ETA count
+        # completed steps, not dispatched ones.
+        bar.set_postfix(loss=f"{logged[-1][1]['loss']:.4f}", steps_per_s=f"{timer.rate():.2f}",
+                        refresh=False)
+        bar.update(step - bar.n)
       if ckpt.should_save(step) or step == total_steps:
         with timer.excluding("checkpoint"):
           ckpt.save_latest(step, state, data_state=iterator.get_state(), rng=train_rng)
@@ -513,8 +526,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       if is_eval:
         with timer.excluding("evaluation"):
           dev = evaluate(eval_fn, state, data.valid, scorer)
-        _append_jsonl(metrics_log, {"step": step, "epoch": step / steps_per_epoch,
-                                    "dev": _summary(dev)})
+        record = {"epoch": step / steps_per_epoch, "dev": _summary(dev)}
+        _append_jsonl(metrics_log, {"step": step, **record})
+        summaries.scalars(step, record)
+        summaries.flush()
         with timer.excluding("checkpoint"):
           if ckpt.save_best(step, state.params, _summary(dev)):
             best_dev = dev

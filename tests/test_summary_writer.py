@@ -42,9 +42,10 @@ def test_a_resume_replaces_the_steps_after_its_checkpoint(tmp_path):
     for step in range(1, 8):
       killed.scalars(step, {"loss": float(step)})
     killed.scalars(6, {"dev": {"f1": 0.6}})
-  with summary_writer.SummaryWriter(tmp_path, resume_step=4) as resumed:
+  with summary_writer.SummaryWriter(tmp_path) as writer:
+    writer.resumed(4)
     for step in range(5, 9):
-      resumed.scalars(step, {"loss": 10.0 * step})
+      writer.scalars(step, {"loss": 10.0 * step})
 
   got = _scalars(tmp_path)
   assert got["loss"] == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 50.0, 6: 60.0, 7: 70.0, 8: 80.0}
@@ -52,7 +53,8 @@ def test_a_resume_replaces_the_steps_after_its_checkpoint(tmp_path):
 
 
 def test_a_disabled_writer_writes_no_file(tmp_path):
-  with summary_writer.SummaryWriter(tmp_path / "run", enabled=False, resume_step=3) as writer:
+  with summary_writer.SummaryWriter(tmp_path / "run", enabled=False) as writer:
+    writer.resumed(3)
     writer.scalars(1, {"loss": 1.0})
     writer.flush()
   assert not (tmp_path / "run").exists()
