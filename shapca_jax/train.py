@@ -519,6 +519,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         bar.set_postfix(loss=f"{logged[-1][1]['loss']:.4f}", steps_per_s=f"{timer.rate():.2f}",
                         refresh=False)
         bar.update(step - bar.n)
+        if step == total_steps:
+          bar.close()  # before the last evaluation, whose time is not a step's
       if ckpt.should_save(step) or step == total_steps:
         with timer.excluding("checkpoint"):
           ckpt.save_latest(step, state, data_state=iterator.get_state(), rng=train_rng)
