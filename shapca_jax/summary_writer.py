@@ -11,8 +11,10 @@ it takes host numbers only and writes them from a background thread, so a call n
 the device.
 
 A resumed run replays the steps after its checkpoint. ``resumed(step)`` marks the restart in the
-new event file (TensorBoard's ``SessionLog.START``): TensorBoard then drops the points at later
-steps that the interrupted run wrote, and each step shows once.
+new event file (TensorBoard's ``SessionLog.START``): TensorBoard's Python loader then drops every
+point at a later step that the interrupted run wrote. Its default fast loader ignores the mark
+but drops a tag's later points when that tag's step goes back, which the replayed steps and
+evaluations do; either way each step shows once.
 """
 
 import numbers
