@@ -244,13 +244,17 @@ def _checkpoints_dir(workdir: Union[str, epath.Path]) -> epath.Path:
 def _manager(directory: epath.Path, *, read_only: bool, max_to_keep: Optional[int] = None,
              best_metric: Optional[str] = None, best_mode: str = "max",
              async_save: bool = True) -> ocp.CheckpointManager:
+  """A manager of ``directory``; a ``read_only`` one creates, cleans up and deletes nothing.
+
+  Readers leave Orbax's own ``read_only`` option off: it only makes ``save`` and ``delete``
+  no-ops, which a reader never calls, and it logs a warning each time a manager opens.
+  """
   best_fn = None if best_metric is None else (lambda metrics: metrics[best_metric])
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, best_fn=best_fn, best_mode=best_mode,
       keep_checkpoints_without_metrics=best_metric is None,
-      create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
-      enable_async_checkpointing=async_save,
-      save_interval_steps=0 if read_only else 1)  # Orbax warns when read_only keeps the default
+      create=not read_only, cleanup_tmp_directories=not read_only,
+      enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(directory, options=options)
 
 

@@ -101,6 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 2
   config.progress_bar = True
+  config.tensorboard = True                 # event files in the workdir: tensorboard --logdir
   return config
 
 
@@ -137,6 +138,9 @@ _POSITIVE = ("max_length", "batch_size", "eval_batch_size", "proj_dim", "pair_di
 _NON_NEGATIVE = ("weight_decay", "align.lambda_ct", "align.lambda_ci", "early_stop_patience",
                  "stop_after_epochs")
 
+_BOOLEAN = ("use_context", "use_image", "crf.constrained_training", "align.antithetic",
+            "progress_bar", "tensorboard")
+
 
 def validate_config(config: Any) -> None:
   """Raises ConfigError naming the first unknown key or impossible value."""
@@ -160,6 +164,9 @@ def validate_config(config: Any) -> None:
   for key in ("evals_per_epoch", "early_stop_patience", "stop_after_epochs"):
     if not isinstance(flat[key], int) or isinstance(flat[key], bool):
       raise ConfigError(f"config.{key}={flat[key]!r} must be an int")
+  for key in _BOOLEAN:
+    if not isinstance(flat[key], bool):
+      raise ConfigError(f"config.{key}={flat[key]!r} must be True or False")
   for key in ("mesh.data", "mesh.fsdp"):
     if not isinstance(flat[key], int) or isinstance(flat[key], bool) or not (
         flat[key] == -1 or flat[key] >= 1):

@@ -11,8 +11,11 @@ scales, the convention of BERT fine-tuning (``no_decay = ["bias", "LayerNorm.wei
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
+GROUPS = ("encoder", "new", "crf")
 ENCODER_MODULES = ("text_encoder", "image_encoder")
 CRF_MODULE = "crf"
 NO_DECAY_LEAVES = ("bias", "scale")
@@ -53,19 +56,34 @@ def warmup_linear_decay(peak_lr: float, total_steps: int, warmup_ratio: float) -
       boundaries=[warmup_steps])
 
 
+def _check_groups(learning_rates: Mapping[str, float]) -> None:
+  missing = [g for g in GROUPS if g not in learning_rates]
+  if missing:
+    raise ValueError(f"learning_rates lacks the groups {missing}; it needs {list(GROUPS)}")
+
+
+def learning_rate_table(learning_rates: Mapping[str, float], total_steps: int,
+                        warmup_ratio: float) -> dict[str, np.ndarray]:
+  """Each group's learning rate of every update, as ``make_optimizer`` applies it: entry
+  ``s - 1`` is the rate of the update that makes step ``s`` (optax evaluates a schedule at the
+  count of updates before). Computed once, so logging the rates costs the loop nothing."""
+  _check_groups(learning_rates)
+  counts = jnp.arange(total_steps)
+  return {group: np.asarray(warmup_linear_decay(learning_rates[group], total_steps,
+                                                warmup_ratio)(counts))
+          for group in GROUPS}
+
+
 def make_optimizer(params, *, learning_rates: Mapping[str, float], total_steps: int,
                    warmup_ratio: float, weight_decay: float,
                    grad_clip_norm: float) -> optax.GradientTransformation:
   """Clip the global gradient norm, then AdamW per group with its own schedule."""
-  groups = ("encoder", "new", "crf")
-  missing = [g for g in groups if g not in learning_rates]
-  if missing:
-    raise ValueError(f"learning_rates lacks the groups {missing}; it needs {list(groups)}")
+  _check_groups(learning_rates)
   transforms = {
       group: optax.adamw(
           warmup_linear_decay(learning_rates[group], total_steps, warmup_ratio),
           weight_decay=weight_decay, mask=decay_mask)
-      for group in groups
+      for group in GROUPS
   }
   return optax.chain(
       optax.clip_by_global_norm(grad_clip_norm),

@@ -39,6 +39,7 @@ from shapca_jax import metrics as metrics_lib
 from shapca_jax import optim
 from shapca_jax import sharding
 from shapca_jax import steps
+from shapca_jax import summary_writer
 from shapca_jax import wordpair
 from shapca_jax.config import validate_config
 from shapca_jax.data import builders, images, labels, readers, tokenization
@@ -60,8 +61,8 @@ TEST_PREDICTIONS_FILE = "test_predictions.jsonl.gz"
 # Keys that may change when a run is resumed: they steer bookkeeping or where the run stops, not
 # the numbers of the steps it takes (a run may continue on another mesh: checkpoints restore
 # onto any sharding).
-RESUME_IGNORE_KEYS = ("log_every_steps", "progress_bar", "eval_batch_size", "mesh.*",
-                      "stop_after_epochs", "early_stop_patience")
+RESUME_IGNORE_KEYS = ("log_every_steps", "progress_bar", "tensorboard", "eval_batch_size",
+                      "mesh.*", "stop_after_epochs", "early_stop_patience")
 # Row fields that place an evaluated row in its split (see `predict_split`).
 ROW_FIELDS = ("example_index", "valid", "num_words")
 
@@ -465,6 +466,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       params, learning_rates=dict(config.learning_rate), total_steps=total_steps,
       warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
       grad_clip_norm=config.grad_clip_norm)
+  learning_rates = optim.learning_rate_table(dict(config.learning_rate), total_steps,
+                                             config.warmup_ratio)
   state, shardings = sharding.create_sharded(
       functools.partial(steps.create_train_state, model, tx=tx), params, mesh)
   del params, pretrained
@@ -476,13 +479,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   with checkpoint.TrainCheckpointer(
       workdir, config.to_dict(), save_every_steps=config.checkpoint_every_steps,
       keep_latest=config.keep_checkpoints, best_metric="f1",
-      resume_ignore_keys=RESUME_IGNORE_KEYS) as ckpt:
+      resume_ignore_keys=RESUME_IGNORE_KEYS) as ckpt, summary_writer.SummaryWriter(
+          workdir, enabled=config.tensorboard and jax.process_index() == 0) as summaries:
     restored = ckpt.restore_latest(sharding.with_shardings(state, shardings))
     first_step = 0
     if restored is not None:
       state, first_step = restored.state, restored.step
       iterator.set_state(restored.data_state)
       logging.info("resumed from step %d in %s", first_step, workdir)
+      summaries.resumed(first_step)
     last_saved = first_step if restored is not None else None
     stop_step = total_steps
     if config.stop_after_epochs > 0:
@@ -515,15 +520,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       state, step_metrics = step_fn(state, sharding.global_batch(next(iterator), mesh), train_rng)
       pending.append((step, step_metrics))
       timer.steps += 1
-      bar.update(1)
       is_eval = step in evaluated
       if step % config.log_every_steps == 0 or is_eval or ckpt.should_save(step):
         logged = _host_metrics(pending)
         pending = []
         _check_finite(logged, last_saved)
         for s, values in logged:
-          _append_jsonl(metrics_log, {"step": s, **values})
-        bar.set_postfix(loss=f"{logged[-1][1]['loss']:.4f}", steps_per_s=f"{timer.rate():.2f}")
+          record = {**values, "learning_rate": {g: float(lr[s - 1]) for g, lr in
+                                                learning_rates.items()}}
+          _append_jsonl(metrics_log, {"step": s, **record})
+          summaries.scalars(s, record)
+        summaries.flush()
+        # The bar moves only here, where the steps are known to be done: its rate and ETA count
+        # completed steps, not dispatched ones.
+        bar.set_postfix(loss=f"{logged[-1][1]['loss']:.4f}", steps_per_s=f"{timer.rate():.2f}",
+                        refresh=False)
+        bar.update(step - bar.n)
+        if step == last_step:
+          bar.close()  # before the last evaluation, whose time is not a step's
       # An early stop may follow an evaluation: the checkpoint before it must be the last one.
       stop_may_follow = is_eval and config.early_stop_patience > 0
       if ckpt.should_save(step) or step == last_step or stop_may_follow:
@@ -533,8 +547,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       if is_eval:
         with timer.excluding("evaluation"):
           dev = evaluate(eval_fn, state, data.valid, scorer)
-        _append_jsonl(metrics_log, {"step": step, "epoch": step / steps_per_epoch,
-                                    "dev": _summary(dev)})
+        record = {"epoch": step / steps_per_epoch, "dev": _summary(dev)}
+        _append_jsonl(metrics_log, {"step": step, **record})
+        summaries.scalars(step, record)
+        summaries.flush()
         with timer.excluding("checkpoint"):
           if ckpt.save_best(step, state.params, _summary(dev)):
             best_dev = dev

@@ -115,6 +115,24 @@ def test_best_is_kept_apart_and_survives_reopening(tmp_path):
     _open(tmp_path / "other").save_best(1, params_at(1), {"accuracy": 1.0})
 
 
+def _tree_on_disk(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
+  return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
+          for p in folder.rglob("*")}
+
+
+def test_readers_change_nothing_on_disk_and_warn_about_nothing(tmp_path, caplog):
+  params = {"w": jnp.arange(3.0)}
+  with _open(tmp_path) as ckpt:
+    ckpt.save_latest(2, params)
+    ckpt.save_best(2, params, {"f1": 0.5})
+  before = _tree_on_disk(tmp_path)
+  with caplog.at_level("WARNING"):
+    np.testing.assert_array_equal(checkpoint.restore_best(tmp_path, params)["w"], [0, 1, 2])
+    assert checkpoint.restore_latest(tmp_path, params).step == 2
+  assert _tree_on_disk(tmp_path) == before
+  assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+
 def test_best_in_min_mode(tmp_path):
   with _open(tmp_path, best_metric="loss", best_mode="min") as ckpt:
     for step, loss in ((1, 2.0), (2, 1.0), (3, 1.5)):

@@ -42,6 +42,16 @@ def test_impossible_values_name_the_key(key, value, pattern):
     validate_config(config)
 
 
+@pytest.mark.parametrize("key", ["tensorboard", "progress_bar", "align.antithetic"])
+def test_switches_must_be_booleans(key):
+  # A config read from JSON or a dict is not type-checked by ml_collections on the way in.
+  config = _valid().to_dict()
+  section, _, leaf = key.rpartition(".")
+  (config[section] if section else config)[leaf] = "false"
+  with pytest.raises(ConfigError, match=rf"config.{key}='false' must be True or False"):
+    validate_config(config)
+
+
 def test_unknown_key_is_named():
   config = _valid()
   config.unlock()

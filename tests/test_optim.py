@@ -54,6 +54,28 @@ def test_first_step_uses_each_group_learning_rate():
   np.testing.assert_allclose(updates["crf"]["transitions"], -1e-1 * (1 + wd), rtol=1e-5)
 
 
+def test_learning_rate_table_is_the_rate_each_update_applies():
+  # Adam's update of a constant gradient is lr * g / (|g| + eps): each step moves the params of
+  # a group by the rate of that update, which the table must hold at index step - 1.
+  params = {"text_encoder": {"w": jnp.zeros(())}, "head": {"w": jnp.zeros(())},
+            "crf": {"transitions": jnp.zeros(())}}
+  lrs = {"encoder": 1e-3, "new": 1e-2, "crf": 1e-1}
+  total, warmup_ratio = 10, 0.3
+  tx = optim.make_optimizer(params, learning_rates=lrs, total_steps=total,
+                            warmup_ratio=warmup_ratio, weight_decay=0.0, grad_clip_norm=1e9)
+  table = optim.learning_rate_table(lrs, total, warmup_ratio)
+  grads = jax.tree.map(jnp.ones_like, params)
+  opt_state, update = tx.init(params), jax.jit(tx.update)
+  for step in range(1, total + 1):
+    updates, opt_state = update(grads, opt_state, params)
+    for group, top in (("encoder", "text_encoder"), ("new", "head"), ("crf", "crf")):
+      moved = -float(jax.tree.leaves(updates[top])[0])
+      np.testing.assert_allclose(moved, table[group][step - 1], rtol=1e-4, atol=1e-12)
+  # Warm-up over round(0.3 * 10) = 3 updates from 0, then linear decay to 0 over the other 7.
+  expected = [0, 1 / 3, 2 / 3, 1] + [1 - k / 7 for k in range(1, 7)]
+  np.testing.assert_allclose(table["new"], np.array(expected) * 1e-2, rtol=1e-5, atol=1e-12)
+
+
 def test_gradient_clipping_bounds_global_norm():
   params = {"head": {"w": jnp.zeros((4,))}}
   tx = optim.make_optimizer(params, learning_rates={"encoder": 1.0, "new": 1.0, "crf": 1.0},

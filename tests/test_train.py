@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 import safetensors.numpy
+from tensorboard.backend.event_processing import event_accumulator
 
 from shapca_jax import checkpoint
 from shapca_jax import train
@@ -51,6 +52,40 @@ def _losses(workdir: pathlib.Path) -> dict[int, float]:
   return losses
 
 
+def _jsonl_scalars(workdir: pathlib.Path) -> dict[str, dict[int, float]]:
+  """{key: {step: value}} of every number in the metrics log, nested keys joined with "/"; a
+  resumed run's replayed steps overwrite the killed ones."""
+  scalars = {}
+
+  def visit(prefix, step, record):
+    for key, value in record.items():
+      if isinstance(value, dict):
+        visit(f"{prefix}{key}/", step, value)
+      elif key != "step":
+        scalars.setdefault(f"{prefix}{key}", {})[step] = value
+
+  for line in (workdir / train.METRICS_LOG).read_text().splitlines():
+    record = json.loads(line)
+    visit("", record["step"], record)
+  return scalars
+
+
+def _tensorboard_scalars(workdir: pathlib.Path) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} as TensorBoard loads the run's event files."""
+  loaded = event_accumulator.EventAccumulator(str(workdir),
+                                              size_guidance={event_accumulator.SCALARS: 0})
+  loaded.Reload()
+  return {tag: {e.step: e.value for e in loaded.Scalars(tag)} for tag in loaded.Tags()["scalars"]}
+
+
+def _assert_same_curves(got: dict, expected: dict):
+  assert sorted(got) == sorted(expected)
+  for tag, points in expected.items():
+    assert sorted(got[tag]) == sorted(points), tag
+    np.testing.assert_allclose([got[tag][s] for s in sorted(points)],
+                               [points[s] for s in sorted(points)], rtol=1e-6, err_msg=tag)
+
+
 def test_run_trains_evaluates_and_writes_results(uninterrupted):
   config, workdir, results = uninterrupted
   written = json.loads((workdir / train.RESULTS_FILE).read_text())
@@ -66,6 +101,12 @@ def test_run_trains_evaluates_and_writes_results(uninterrupted):
   assert set(results["seconds_outside_steps"]) == {"checkpoint", "evaluation"}
   assert all(t > 0 for t in results["seconds_outside_steps"].values())
   assert results["compile_seconds"] > 0
+  # TensorBoard reads every number of the metrics log (float32 in the event file).
+  expected = _jsonl_scalars(workdir)
+  assert {"loss", "task_loss", "align_loss", "grad_norm", "learning_rate/encoder",
+          "learning_rate/new", "learning_rate/crf", "epoch", "dev/f1"} <= set(expected)
+  assert sorted(expected["dev/f1"]) == [5, 10]
+  _assert_same_curves(_tensorboard_scalars(workdir), expected)
 
 
 def test_compile_per_bucket_runs_the_shapes_it_was_given_and_refuses_others():
@@ -124,6 +165,10 @@ def test_run_killed_on_four_devices_resumes_on_one_to_the_same_numbers(tiny, uni
   assert sorted(losses) == sorted(ref_losses)
   np.testing.assert_allclose([losses[s] for s in sorted(losses)],
                              [ref_losses[s] for s in sorted(ref_losses)], rtol=1e-5)
+  # Two event files, one point per step: the resume dropped what the killed run wrote after
+  # its checkpoint.
+  assert len(list(workdir.glob("events.out.tfevents.*"))) == 2
+  _assert_same_curves(_tensorboard_scalars(workdir), _jsonl_scalars(workdir))
 
 
 def test_bad_config_fails_before_any_work(tiny, tmp_path):
