@@ -36,6 +36,7 @@ import tqdm
 from shapca_jax import checkpoint
 from shapca_jax import metrics as metrics_lib
 from shapca_jax import optim
+from shapca_jax import runlog
 from shapca_jax import sharding
 from shapca_jax import steps
 from shapca_jax import wordpair
@@ -475,7 +476,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if restored is not None:
       state, first_step = restored.state, restored.step
       iterator.set_state(restored.data_state)
-      logging.info("resumed from step %d in %s", first_step, workdir)
+      logging.warning("resumed from step %d (checkpoint %s)", first_step, restored.path)
+    if jax.process_index() == 0:
+      runlog.rewind(metrics_log, first_step)  # the steps after it are trained again
     last_saved = first_step if restored is not None else None
 
     compile_began = time.perf_counter()
@@ -494,6 +497,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     timer = _StepTimer()
     timer.start()
     for step in range(first_step + 1, total_steps + 1):
+      ckpt.check_writes()
       state, step_metrics = step_fn(state, sharding.global_batch(next(iterator), mesh), train_rng)
       pending.append((step, step_metrics))
       timer.steps += 1
@@ -506,10 +510,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         for s, values in logged:
           _append_jsonl(metrics_log, {"step": s, **values})
         bar.set_postfix(loss=f"{logged[-1][1]['loss']:.4f}", steps_per_s=f"{timer.rate():.2f}")
-      if ckpt.should_save(step) or step == total_steps:
-        with timer.excluding("checkpoint"):
-          ckpt.save_latest(step, state, data_state=iterator.get_state(), rng=train_rng)
-        last_saved = step
       if is_eval:
         with timer.excluding("evaluation"):
           dev = evaluate(eval_fn, state, data.valid, scorer)
@@ -520,6 +520,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             best_dev = dev
         bar.write(f"step {step}: dev F1 {dev['f1']:.4f} (best {ckpt.best['value']:.4f} at step "
                   f"{ckpt.best['step']})")
+      # After the evaluation: a latest checkpoint of an evaluated step implies its best params.
+      if ckpt.should_save(step) or step == total_steps:
+        with timer.excluding("checkpoint"):
+          ckpt.save_latest(step, state, data_state=iterator.get_state(), rng=train_rng)
+        last_saved = step
     bar.close()
     ckpt.wait_until_finished()
     best = ckpt.best
