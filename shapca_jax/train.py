@@ -129,8 +129,8 @@ def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                                  text_context)
   loader = None
   if config.use_image:
-    loader = _ImageLoader(images.ImageProcessor.from_checkpoint(config.image_encoder),
-                          config.missing_image)
+    loader = _ImageLoader(images.ImageProcessor.from_checkpoint(
+        config.image_encoder, max_pixels=config.max_image_pixels), config.missing_image)
   shard_index, shard_count = sharding.process_batch_shard(mesh or sharding.make_mesh())
   for key in ("batch_size", "eval_batch_size"):
     if config[key] % shard_count:
