@@ -29,9 +29,10 @@ Resume rules:
     onto another.
   * A state with NaN or infinite values is never saved, so the last good checkpoint survives a
     diverged run.
-  * A latest checkpoint is started only once the previous best checkpoint is on disk, so a
-    latest step never holds an evaluation whose best params were lost: a run killed while
-    writing the best params resumes from an earlier step and evaluates again.
+  * A checkpoint write starts only once the previous one (latest or best) is on disk. So a
+    latest step never holds an evaluation whose best params were lost (a run killed while
+    writing the best params resumes from an earlier step and evaluates again), and a kill cuts
+    at most one write short.
 """
 
 import base64
@@ -548,7 +549,7 @@ class TrainCheckpointer:
                        f"{self._latest.directory}; refusing to overwrite it")
     _check_finite(step, state, "the train state")
     self._confirm_written(self._latest)
-    self._confirm_written(self._best)  # see the module docstring: best params before latest
+    self._confirm_written(self._best)  # one write at a time, best params before latest
     self._save(self._latest, step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=_DataStateSave(_encode_data_state(data_state)),
@@ -582,6 +583,7 @@ class TrainCheckpointer:
     self._best_record = {"metric": self._best_metric, "mode": self._best_mode,
                          "value": value, "step": step}
     summary = {key: float(v) for key, v in metrics.items() if np.ndim(v) == 0}
+    self._confirm_written(self._latest)  # one write at a time: a kill leaves at most one cut
     self._confirm_written(self._best)
     self._save(self._best, step, metrics={self._best_metric: value}, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),

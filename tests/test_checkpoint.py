@@ -280,7 +280,7 @@ def test_a_lost_write_is_an_error_at_the_next_save(tmp_path):
       c.save_latest(3, state)
 
 
-# ----------------------------------------------------------------------------- damage and full disks
+# ------------------------------------------------------------------------ damage and full disks
 
 
 def _damage(step_dir, how):
@@ -323,7 +323,8 @@ def test_no_readable_step_is_one_error_naming_the_folder(tmp_path):
   root = tmp_path.resolve() / "checkpoints"
   for step in (2, 4):
     _damage(root / "latest" / str(step), "data state cut short")
-  message = rf"^{re.escape(str(root / 'latest'))}: no readable latest checkpoint \(step 4: .*step 2: "
+  message = (rf"^{re.escape(str(root / 'latest'))}: no readable latest checkpoint "
+             r"\(step 4: .*step 2: ")
   with pytest.raises(checkpoint.UnreadableCheckpointError, match=message):
     checkpoint.restore_latest(tmp_path, {"w": jnp.zeros(3)})
   with pytest.raises(checkpoint.UnreadableCheckpointError, match=message):
