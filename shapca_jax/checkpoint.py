@@ -11,7 +11,11 @@ that fixes the resume rules the training loop relies on. Layout under ``<workdir
 
 Orbax writes every step into a temporary directory and renames it when complete, so a save
 killed midway leaves only a ``*.orbax-checkpoint-tmp*`` folder that is ignored and deleted on
-the next start; the previous step stays the latest.
+the next start; the previous step stays the latest. A step damaged after it was written (a file
+cut short or deleted) is skipped with a warning naming the step and the reason, and the next
+older kept step is restored; ``TrainCheckpointer`` renames the damaged one ``<step>.unreadable``
+so the run can save past it. A background write that fails (a full disk, no permission) raises
+``CheckpointWriteError`` naming the step, the folder and the reason at the next training step.
 
 Resume rules:
   * A run started again in the same workdir continues from the latest step
@@ -25,6 +29,10 @@ Resume rules:
     onto another.
   * A state with NaN or infinite values is never saved, so the last good checkpoint survives a
     diverged run.
+  * A checkpoint write starts only once the previous one (latest or best) is on disk. So a
+    latest step never holds an evaluation whose best params were lost (a run killed while
+    writing the best params resumes from an earlier step and evaluates again), and a kill cuts
+    at most one write short.
 """
 
 import base64
@@ -33,7 +41,7 @@ import fnmatch
 import json
 import logging
 import math
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 from etils import epath
 import jax
@@ -55,7 +63,11 @@ class IncompatibleCheckpointError(ValueError):
 
 
 class CheckpointWriteError(RuntimeError):
-  """An asynchronous checkpoint write failed (Orbax only logs such failures)."""
+  """A checkpoint write failed (Orbax only logs failures of its background writes)."""
+
+
+class UnreadableCheckpointError(RuntimeError):
+  """No kept step of a checkpoint folder can be read."""
 
 
 class NonFiniteStateError(ValueError):
@@ -70,6 +82,7 @@ class Restored:
   data_state: DataState
   rng: Optional[jax.Array]
   metadata: Mapping[str, Any]
+  path: str  # the step's folder, for the "resumed from" line
 
 
 # ------------------------------------------------------------------ per-process data-state item
@@ -89,8 +102,9 @@ class _ProcessJsonHandler:
     path = _process_file(directory)
     if not path.exists():
       saved = sorted(p.name for p in directory.iterdir())
-      raise ValueError(f"{path} does not exist: the data-iterator state was saved by a different "
-                       f"number of processes ({saved}); resume with the same process count")
+      raise IncompatibleCheckpointError(
+          f"{path} does not exist: the data-iterator state was saved by a different number of "
+          f"processes ({saved}); resume with the same process count")
     return _decode_data_state(json.loads(path.read_text()))
 
   def metadata(self, directory: epath.Path) -> None:
@@ -262,27 +276,79 @@ def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
+def _innermost(error: BaseException) -> BaseException:
+  """The root of the chain of causes (an explicit ``from`` first, else the implicit context
+  unless it was suppressed with ``from None``)."""
+  while True:
+    cause = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    if cause is None:
+      return error
+    error = cause
+
+
+def _reason(error: BaseException) -> str:
+  """The innermost cause of ``error`` as one line (Orbax wraps file errors several times)."""
+  error = _innermost(error)
+  return f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
+
+
+def _write_error(step: int, manager: ocp.CheckpointManager,
+                 error: BaseException) -> "CheckpointWriteError":
+  return CheckpointWriteError(
+      f"could not write the checkpoint of step {step} to {manager.directory} ({_reason(error)}); "
+      f"the earlier checkpoints there are kept")
+
+
+def _readable(directory: epath.Path, steps: Iterable[int], read: Callable[[int], Any],
+              what: str) -> Iterator[tuple[int, Any]]:
+  """``(step, read(step))`` for ``steps`` in order, warning about each unreadable one; raises
+  ``UnreadableCheckpointError`` naming the folder when none of them is readable."""
+  failed = []
+  for step in steps:
+    try:
+      value = read(step)
+    except Exception as e:  # pylint: disable=broad-except  # any damage reads as some error
+      if isinstance(_innermost(e), IncompatibleCheckpointError):
+        raise _innermost(e) from e  # the run does not fit the step: no damage, no fallback
+      failed.append(f"step {step}: {_reason(e)}")
+      logging.warning("%s checkpoint %s is unreadable (%s); trying the next kept step", what,
+                      directory / str(step), _reason(e))
+      continue
+    yield step, value
+  if failed:
+    raise UnreadableCheckpointError(
+        f"{directory}: no readable {what} checkpoint ({'; '.join(failed)}); move the "
+        "folder away to start the run afresh")
+
+
 def _restore_latest_from(manager: ocp.CheckpointManager,
                          abstract_state: PyTree) -> Optional[Restored]:
-  step = manager.latest_step()
-  if step is None:
-    return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(_abstract(abstract_state)),
-      data=_DataStateRestore(),
-      meta=ocp.args.JsonRestore()))
+  """The newest readable latest step (read-only), or None when the folder holds no step."""
+  args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(abstract_state)),
+                            data=_DataStateRestore(), meta=ocp.args.JsonRestore())
+  newest_first = sorted(manager.all_steps(), reverse=True)
+  for step, restored in _readable(manager.directory, newest_first,
+                                  lambda s: manager.restore(s, args=args), LATEST_DIR):
+    return _restored(step, restored, manager.directory)
+  return None
+
+
+def _restored(step: int, restored: Mapping[str, Any], directory: epath.Path) -> Restored:
   meta = restored["meta"]
   return Restored(step=step, state=restored["state"], data_state=restored["data"],
-                  rng=_decode_rng(meta.get("rng")), metadata=meta)
+                  rng=_decode_rng(meta.get("rng")), metadata=meta, path=str(directory / str(step)))
 
 
 def restore_latest(workdir: Union[str, epath.Path], abstract_state: PyTree) -> Optional[Restored]:
-  """Reads the latest train state of ``workdir`` (read-only), or None when there is none.
+  """Reads the newest readable train state of ``workdir`` (read-only), or None when there is none.
 
   Args:
     workdir: the run's working directory (checkpoints live in ``workdir/checkpoints``).
     abstract_state: the state's structure with shapes, dtypes and target shardings, e.g.
       ``jax.eval_shape(create_state, ...)`` with shardings set; concrete arrays also work.
+
+  Raises:
+    UnreadableCheckpointError: steps exist but none can be read.
   """
   directory = _checkpoints_dir(workdir) / LATEST_DIR
   if not directory.exists():
@@ -300,21 +366,28 @@ def _best_score(meta: Mapping[str, Any]) -> float:
 
 
 def restore_best(workdir: Union[str, epath.Path], abstract_params: PyTree) -> PyTree:
-  """The params of the best evaluation in ``workdir``, on the shardings of ``abstract_params``."""
+  """The params of the best evaluation in ``workdir``, on the shardings of ``abstract_params``.
+
+  Raises:
+    FileNotFoundError: there is no best checkpoint.
+    UnreadableCheckpointError: none of the kept best steps can be read.
+  """
   directory = _checkpoints_dir(workdir) / BEST_DIR
-  if not directory.exists():
-    raise FileNotFoundError(f"no best checkpoint under {directory}")
-  manager = _manager(directory, read_only=True)
+  manager = _manager(directory, read_only=True) if directory.exists() else None
   try:
-    steps = manager.all_steps()
-    if not steps:
+    if manager is None or not manager.all_steps():
       raise FileNotFoundError(f"no best checkpoint under {directory}")
     # One step is kept; two exist only if a run died between saving a new best and pruning.
-    step = max(steps, key=lambda s: _best_score(_read_meta(manager, s)))
-    return manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract(abstract_params))))["params"]
+    metas = dict(_readable(directory, manager.all_steps(), lambda s: _read_meta(manager, s),
+                           BEST_DIR))
+    ranked = sorted(metas, key=lambda s: _best_score(metas[s]), reverse=True)
+    args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(abstract_params)))
+    for _, restored in _readable(directory, ranked, lambda s: manager.restore(s, args=args),
+                                 BEST_DIR):
+      return restored["params"]
   finally:
-    manager.close()
+    if manager is not None:
+      manager.close()
 
 
 class TrainCheckpointer:
@@ -386,8 +459,9 @@ class TrainCheckpointer:
     """Compares the stored configs with this run's; returns the stored best record."""
     best_record = None
     for manager in (self._latest, self._best):
-      for step in manager.all_steps()[-1:]:
-        meta = _read_meta(manager, step)
+      newest = self._newest_readable(manager, lambda s, m=manager: _read_meta(m, s))
+      if newest is not None:
+        step, meta = newest
         differences = config_differences(meta["config"], self._config, ignore)
         if differences:
           raise IncompatibleCheckpointError(
@@ -416,14 +490,43 @@ class TrainCheckpointer:
     """True every ``save_every_steps`` steps and when a preemption notice has arrived."""
     return step % self._save_every == 0 or self._latest.reached_preemption(step)
 
+  def _newest_readable(self, manager: ocp.CheckpointManager,
+                       read: Callable[[int], Any]) -> Optional[tuple[int, Any]]:
+    """``(step, read(step))`` of the newest readable step of ``manager``, or None if it holds
+    none; newer unreadable steps are renamed ``<step>.unreadable`` (Orbax ignores such names),
+    so that the run can save past them and they stay for inspection."""
+    kind = LATEST_DIR if manager is self._latest else BEST_DIR
+    newest_first = sorted(manager.all_steps(), reverse=True)
+    for step, value in _readable(manager.directory, newest_first, read, kind):
+      unreadable = [s for s in newest_first if s > step]
+      for s in unreadable:
+        aside = manager.directory / f"{s}.unreadable"
+        if aside.exists():
+          aside.rmtree()
+        (manager.directory / str(s)).rename(aside)
+        logging.warning("renamed the unreadable %s checkpoint of step %d to %s", kind, s, aside)
+      if unreadable:
+        manager.reload()
+      return step, value
+    return None
+
   def restore_latest(self, abstract_state: PyTree) -> Optional[Restored]:
-    """The latest train state onto the shardings of ``abstract_state``; None if there is none.
+    """The newest readable train state onto the shardings of ``abstract_state``; None if there
+    is none. Unreadable newer steps are skipped with a warning naming the step and the reason.
 
     After this call the run may save again (its next step must exceed the restored one).
+
+    Raises:
+      UnreadableCheckpointError: steps exist but none can be read.
     """
-    restored = _restore_latest_from(self._latest, abstract_state)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(abstract_state)),
+                              data=_DataStateRestore(), meta=ocp.args.JsonRestore())
+    newest = self._newest_readable(self._latest, lambda s: self._latest.restore(s, args=args))
     self._may_save = True
-    return restored
+    if newest is None:
+      return None
+    step, restored = newest
+    return _restored(step, restored, self._latest.directory)
 
   def _require_resumed(self):
     if not self._may_save:
@@ -450,11 +553,11 @@ class TrainCheckpointer:
                        f"{self._latest.directory}; refusing to overwrite it")
     _check_finite(step, state, "the train state")
     self._confirm_written(self._latest)
-    self._latest.save(step, force=True, args=ocp.args.Composite(
+    self._confirm_written(self._best)  # one write at a time, best params before latest
+    self._save(self._latest, step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=_DataStateSave(_encode_data_state(data_state)),
         meta=ocp.args.JsonSave(self._meta(step, rng=_encode_rng(rng)))))
-    self._requested[self._latest.directory] = step
 
   def save_best(self, step: int, params: PyTree, metrics: Mapping[str, Any]) -> bool:
     """Saves ``params`` if ``metrics[best_metric]`` beats the best so far; returns whether it did.
@@ -484,22 +587,39 @@ class TrainCheckpointer:
     self._best_record = {"metric": self._best_metric, "mode": self._best_mode,
                          "value": value, "step": step}
     summary = {key: float(v) for key, v in metrics.items() if np.ndim(v) == 0}
+    self._confirm_written(self._latest)  # one write at a time: a kill leaves at most one cut
     self._confirm_written(self._best)
-    self._best.save(step, force=True, metrics={self._best_metric: value},
-                    args=ocp.args.Composite(
-                        params=ocp.args.StandardSave(params),
-                        meta=ocp.args.JsonSave(self._meta(step, metrics=summary))))
-    self._requested[self._best.directory] = step
+    self._save(self._best, step, metrics={self._best_metric: value}, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        meta=ocp.args.JsonSave(self._meta(step, metrics=summary))))
     return True
 
+  def _save(self, manager: ocp.CheckpointManager, step: int, **kwargs: Any):
+    """Starts writing ``step``; a write that fails at once (a synchronous item) raises
+    ``CheckpointWriteError`` here, one that fails in the background at ``check_writes``."""
+    try:
+      manager.save(step, force=True, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except  # only file errors are rewritten
+      if not isinstance(_innermost(e), OSError):
+        raise
+      raise _write_error(step, manager, e) from e
+    self._requested[manager.directory] = step
+
   def _confirm_written(self, manager: ocp.CheckpointManager):
-    """Raises if the previous asynchronous save of ``manager`` did not reach the disk.
+    """Raises ``CheckpointWriteError`` if the previous asynchronous save of ``manager`` did not
+    reach the disk.
 
     Orbax logs a failed background write and carries on, which would leave a run training
-    for hours with no checkpoint; the failure surfaces here, at the next save or at the end.
+    for hours with no checkpoint; the failure surfaces here, at ``check_writes``, at the next
+    save or at the end.
     """
-    manager.wait_until_finished()
     expected = self._requested.pop(manager.directory, None)
+    try:
+      manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  # any failure of the background write
+      if expected is None:
+        raise
+      raise _write_error(expected, manager, e) from e
     if expected is None:
       return
     manager.reload()  # what is on disk, not the manager's own record of what it started
@@ -507,17 +627,42 @@ class TrainCheckpointer:
       raise CheckpointWriteError(f"the checkpoint of step {expected} was not written to "
                                  f"{manager.directory}; see the Orbax error logged above")
 
+  def check_writes(self):
+    """Raises ``CheckpointWriteError`` if a background write has failed; never blocks.
+
+    Call it every step: a run whose checkpoint failed (a full disk, say) stops at once instead
+    of training on until its next save.
+    """
+    for manager in (self._latest, self._best):
+      if manager.directory in self._requested and not manager.is_saving_in_progress():
+        self._confirm_written(manager)
+
   def wait_until_finished(self):
     """Blocks until pending asynchronous writes are on disk; raises if one of them failed."""
     self._confirm_written(self._latest)
     self._confirm_written(self._best)
 
   def close(self):
-    self._latest.close()
-    self._best.close()
+    """Finishes pending writes and closes both folders; raises the first failure after both."""
+    failures = []
+    for manager in (self._latest, self._best):
+      try:
+        manager.close()
+      except Exception as e:  # pylint: disable=broad-except  # re-raised below
+        failures.append(e)
+    if failures:
+      raise failures[0]
 
   def __enter__(self) -> "TrainCheckpointer":
     return self
 
-  def __exit__(self, *exc_info):
-    self.close()
+  def __exit__(self, exc_type, exc_value, traceback):
+    try:
+      self.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if exc_type is None:
+        raise
+      # The error in flight (a failed write, say) is the one to report; closing after it
+      # fails for the same reason.
+      logging.warning("closing the checkpoints after %s also failed: %s", exc_type.__name__,
+                      _reason(e))

@@ -48,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.use_image = False
   config.image_dir = ""
   config.missing_image = "error"            # or "blank": counted and reported
+  config.max_image_pixels = 50_000_000      # larger image files are refused before decoding
   config.compute_dtype = "float32"          # or "bfloat16" (params stay float32)
 
   # Model.
@@ -116,6 +117,15 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
   return flat
 
 
+def flat_keys(config: Any) -> set[str]:
+  """Every key of ``config`` as a dotted path, the nested groups (``fusion``) included."""
+  keys = set()
+  for key in _flatten(config):
+    parts = key.split(".")
+    keys.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+  return keys
+
+
 _CHOICES = {
     "task": TASKS,
     "dataset": tuple(DATASET_TASKS),
@@ -133,7 +143,7 @@ _POSITIVE = ("max_length", "batch_size", "eval_batch_size", "proj_dim", "pair_di
              "fusion.num_heads", "align.num_permutations", "align.tau_u", "align.tau_c",
              "num_epochs", "learning_rate.encoder", "learning_rate.new", "learning_rate.crf",
              "grad_clip_norm", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-             "evals_per_epoch")
+             "evals_per_epoch", "max_image_pixels")
 
 _NON_NEGATIVE = ("weight_decay", "align.lambda_ct", "align.lambda_ci", "early_stop_patience",
                  "stop_after_epochs")

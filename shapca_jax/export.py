@@ -317,7 +317,8 @@ class ExportedModel:
     """The image preprocessing of the run's image encoder, or None without the image branch."""
     if not self.config.use_image:
       return None
-    return images.ImageProcessor.from_checkpoint(self.directory / IMAGE_ENCODER_DIR)
+    return images.ImageProcessor.from_checkpoint(self.directory / IMAGE_ENCODER_DIR,
+                                                 max_pixels=self.config.max_image_pixels)
 
 
 def _check_shapes(path: pathlib.Path, flat: dict[str, np.ndarray], expected: Params) -> None:

@@ -52,7 +52,7 @@ import numpy as np
 
 from shapca_jax import export, shapley, wordpair
 from shapca_jax.data import images, labels
-from shapca_jax.data.errors import DataFormatError, read_lines, where
+from shapca_jax.data.errors import DataFormatError, check_json_nesting, read_lines, where
 from shapca_jax.data.labels import Span
 from shapca_jax.data.pipeline import BatchPipeline
 from shapca_jax.data.readers import Example
@@ -147,6 +147,7 @@ def read_queries(path: str | os.PathLike, *, task: str = "mner",
     if not line.strip():
       continue
     loc = where(path, number)
+    check_json_nesting(line, path, first_line=number)
     try:
       record = json.loads(line)
     except json.JSONDecodeError as err:

@@ -37,6 +37,7 @@ import tqdm
 from shapca_jax import checkpoint
 from shapca_jax import metrics as metrics_lib
 from shapca_jax import optim
+from shapca_jax import runlog
 from shapca_jax import sharding
 from shapca_jax import steps
 from shapca_jax import summary_writer
@@ -136,8 +137,8 @@ def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                                  text_context)
   loader = None
   if config.use_image:
-    loader = _ImageLoader(images.ImageProcessor.from_checkpoint(config.image_encoder),
-                          config.missing_image)
+    loader = _ImageLoader(images.ImageProcessor.from_checkpoint(
+        config.image_encoder, max_pixels=config.max_image_pixels), config.missing_image)
   shard_index, shard_count = sharding.process_batch_shard(mesh or sharding.make_mesh())
   for key in ("batch_size", "eval_batch_size"):
     if config[key] % shard_count:
@@ -486,8 +487,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if restored is not None:
       state, first_step = restored.state, restored.step
       iterator.set_state(restored.data_state)
-      logging.info("resumed from step %d in %s", first_step, workdir)
+      logging.warning("resumed from step %d (checkpoint %s)", first_step, restored.path)
       summaries.resumed(first_step)
+    if jax.process_index() == 0:
+      runlog.rewind(metrics_log, first_step)  # the steps after it are trained again
     last_saved = first_step if restored is not None else None
     stop_step = total_steps
     if config.stop_after_epochs > 0:
@@ -517,6 +520,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     timer = _StepTimer()
     timer.start()
     for step in range(first_step + 1, last_step + 1):
+      ckpt.check_writes()
       state, step_metrics = step_fn(state, sharding.global_batch(next(iterator), mesh), train_rng)
       pending.append((step, step_metrics))
       timer.steps += 1
@@ -538,12 +542,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         bar.update(step - bar.n)
         if step == last_step:
           bar.close()  # before the last evaluation, whose time is not a step's
-      # An early stop may follow an evaluation: the checkpoint before it must be the last one.
-      stop_may_follow = is_eval and config.early_stop_patience > 0
-      if ckpt.should_save(step) or step == last_step or stop_may_follow:
-        with timer.excluding("checkpoint"):
-          ckpt.save_latest(step, state, data_state=iterator.get_state(), rng=train_rng)
-        last_saved = step
       if is_eval:
         with timer.excluding("evaluation"):
           dev = evaluate(eval_fn, state, data.valid, scorer)
@@ -560,7 +558,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           last_step = step
           bar.write(f"stopping early: no better dev F1 in the last {config.early_stop_patience} "
                     "evaluations")
-          break
+      # After the evaluation: a latest checkpoint of an evaluated step implies its best params.
+      if ckpt.should_save(step) or step == last_step:
+        with timer.excluding("checkpoint"):
+          ckpt.save_latest(step, state, data_state=iterator.get_state(), rng=train_rng)
+        last_saved = step
+      if step == last_step:
+        break
     bar.close()
     ckpt.wait_until_finished()
     best = ckpt.best

@@ -1,11 +1,15 @@
 """TrainCheckpointer: round trips, retention, best tracking, killed saves, resume rules, meshes."""
 
+import errno
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
+import time
 
+from etils import epath
 import flax.linen as nn
 from flax.training import train_state
 import jax
@@ -292,3 +296,97 @@ def test_a_lost_write_is_an_error_at_the_next_save(tmp_path):
     shutil.rmtree(tmp_path / "checkpoints" / "latest" / "2")
     with pytest.raises(checkpoint.CheckpointWriteError, match="step 2"):
       c.save_latest(3, state)
+
+
+# ------------------------------------------------------------------------ damage and full disks
+
+
+def _damage(step_dir, how):
+  if how == "meta deleted":
+    (step_dir / "meta" / "metadata").unlink()
+  elif how == "array file cut short":
+    biggest = max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:biggest.stat().st_size // 2])
+  else:  # "data state cut short"
+    (step_dir / "data" / "process_0-of-1.json").write_text('{"pos": ')
+
+
+@pytest.mark.parametrize("how", ["meta deleted", "array file cut short", "data state cut short"])
+def test_an_unreadable_latest_step_falls_back_to_the_one_before(tmp_path, how, caplog):
+  w = lambda step: {"w": jnp.arange(1000.0) * step}
+  with _open(tmp_path) as ckpt:
+    ckpt.save_latest(2, w(2), data_state={"pos": 2})
+    ckpt.save_latest(4, w(4), data_state={"pos": 4})
+  folder = tmp_path.resolve() / "checkpoints" / "latest"
+  _damage(folder / "4", how)
+
+  restored = checkpoint.restore_latest(tmp_path, w(0))
+  assert (restored.step, restored.data_state, restored.path) == (2, {"pos": 2}, str(folder / "2"))
+  np.testing.assert_array_equal(restored.state["w"], w(2)["w"])
+  assert f"latest checkpoint {folder / '4'} is unreadable (" in caplog.text
+  # The run resumes from step 2 and saves past the damaged step, which is set aside.
+  with _open(tmp_path) as ckpt:
+    assert ckpt.restore_latest(w(0)).step == 2
+    ckpt.save_latest(4, w(40))
+  assert _steps_on_disk(tmp_path) == [2, 4] and (folder / "4.unreadable").is_dir()
+  np.testing.assert_array_equal(checkpoint.restore_latest(tmp_path, w(0)).state["w"], w(40)["w"])
+
+
+def test_no_readable_step_is_one_error_naming_the_folder(tmp_path):
+  with _open(tmp_path) as ckpt:
+    ckpt.save_latest(2, {"w": jnp.ones(3)})
+    ckpt.save_latest(4, {"w": jnp.ones(3)})
+    ckpt.save_best(4, {"w": jnp.ones(3)}, {"f1": 0.5})
+  root = tmp_path.resolve() / "checkpoints"
+  for step in (2, 4):
+    _damage(root / "latest" / str(step), "data state cut short")
+  message = (rf"^{re.escape(str(root / 'latest'))}: no readable latest checkpoint "
+             r"\(step 4: .*step 2: ")
+  with pytest.raises(checkpoint.UnreadableCheckpointError, match=message):
+    checkpoint.restore_latest(tmp_path, {"w": jnp.zeros(3)})
+  with pytest.raises(checkpoint.UnreadableCheckpointError, match=message):
+    with _open(tmp_path) as ckpt:
+      ckpt.restore_latest({"w": jnp.zeros(3)})
+  assert _steps_on_disk(tmp_path) == [2, 4]  # nothing is set aside when nothing is readable
+  _damage(root / "best" / "4", "meta deleted")
+  with pytest.raises(checkpoint.UnreadableCheckpointError,
+                     match=rf"^{re.escape(str(root / 'best'))}: no readable best checkpoint"):
+    checkpoint.restore_best(tmp_path, {"w": jnp.zeros(3)})
+
+
+def _failing_writes(monkeypatch, file_name, error):
+  """Every text write of ``file_name`` inside the temporary folder of step 2 raises ``error``
+  (the JSON items; tensorstore's array writes are out of Python's reach)."""
+  write_text = epath.Path.write_text
+
+  def write(self, *args, **kwargs):
+    if self.name == file_name and f"{os.sep}2.orbax-checkpoint-tmp" in str(self):
+      raise error
+    return write_text(self, *args, **kwargs)
+
+  monkeypatch.setattr(epath.Path, "write_text", write)
+
+
+@pytest.mark.parametrize("file_name,error", [
+    ("process_0-of-1.json", OSError(errno.ENOSPC, "No space left on device")),  # while saving
+    ("metadata", OSError(errno.ENOSPC, "No space left on device")),  # in the background
+    ("metadata", PermissionError(errno.EACCES, "Permission denied"))])
+def test_a_failed_write_stops_at_once_naming_step_folder_and_reason(tmp_path, monkeypatch,
+                                                                     file_name, error):
+  state = {"w": jnp.arange(3.0)}
+  folder = tmp_path.resolve() / "checkpoints" / "latest"
+  with _open(tmp_path, save_every_steps=1) as ckpt:
+    ckpt.save_latest(1, state)
+    ckpt.wait_until_finished()
+    _failing_writes(monkeypatch, file_name, error)
+    with pytest.raises(checkpoint.CheckpointWriteError) as raised:
+      ckpt.save_latest(2, state)
+      for _ in range(500):  # what the training loop calls every step; it never blocks
+        ckpt.check_writes()
+        time.sleep(0.01)
+  assert str(raised.value) == (
+      f"could not write the checkpoint of step 2 to {folder} ({type(error).__name__}: {error}); "
+      "the earlier checkpoints there are kept")
+  assert _steps_on_disk(tmp_path) == [1]
+  assert checkpoint.restore_latest(tmp_path, state).step == 1

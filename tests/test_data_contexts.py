@@ -2,6 +2,7 @@
 
 import ast
 import json
+import pathlib
 import re
 
 import pytest
@@ -15,11 +16,23 @@ def mnre_splits(shared_data_dir):
   return {s: readers.read_split("mnre", s, shared_data_dir) for s in readers.SPLITS}
 
 
+def _examples_with_empty_captions(path, examples) -> int:
+  """Counted here with a plain parse: BLIP left some images without a caption."""
+  empty = {ast.literal_eval(line)["img_id"] for line in path.read_text().splitlines()
+           if not ast.literal_eval(line)["text"].strip()}
+  return sum(e.image_id in empty for e in examples)
+
+
 @pytest.mark.parametrize("source", contexts.MNRE_SOURCES)
 def test_every_mnre_captioner_covers_every_split(shared_data_dir, mnre_splits, source):
   for split, examples in mnre_splits.items():
-    joined, report = contexts.attach_contexts(examples, "mnre", split, shared_data_dir, source)
+    missing_context = "empty" if source == "BLIP" else "error"
+    joined, report = contexts.attach_contexts(examples, "mnre", split, shared_data_dir, source,
+                                              missing_context=missing_context)
     assert report.coverage == 1.0 and report.missing == 0
+    assert report.empty_texts == _examples_with_empty_captions(pathlib.Path(report.files[0]),
+                                                               examples)
+    assert report.empty_texts > 0 if source == "BLIP" else report.empty_texts == 0
     assert report.placeholders_dropped == 1  # CAMIM's `inf.png` line, counted, not hidden
     assert all(e.context is not None for e in joined)
 
@@ -43,7 +56,8 @@ def test_a_subset_of_a_split_joins_against_the_whole_split(shared_data_dir, mnre
 
 def test_jmere_joins_mnre_contexts(shared_data_dir):
   examples = readers.read_split("jmere", "valid", shared_data_dir)
-  _, report = contexts.attach_contexts(examples, "jmere", "valid", shared_data_dir, "BLIP")
+  _, report = contexts.attach_contexts(examples, "jmere", "valid", shared_data_dir, "BLIP",
+                                      missing_context="empty")
   assert report.coverage == 1.0 and report.files[0].endswith("mnre/contexts/BLIP_val.txt")
 
 
@@ -119,6 +133,21 @@ def test_missing_context_is_an_error_unless_asked(tmp_path):
   assert (report.missing, report.coverage) == (1, 0.5)
 
 
+def test_an_empty_context_is_an_error_unless_asked(tmp_path):
+  examples = _tiny_twitter(tmp_path)
+  path = tmp_path / "twitter2017" / "contexts" / "blip2.txt"
+  path.write_text("1.jpg :a dog\n3.jpg :train image\n2.jpg : \n")
+  valid = readers.split_path("twitter2017", "valid", tmp_path)
+  with pytest.raises(DataFormatError, match=re.escape(
+      f"{path}:3: the context of {valid}:5 (image 2.jpg) is empty; expected text (pass "
+      "missing_context='empty' to count empty contexts instead)")):
+    contexts.attach_contexts(examples, "twitter2017", "valid", tmp_path, "blip2")
+  joined, report = contexts.attach_contexts(examples, "twitter2017", "valid", tmp_path, "blip2",
+                                            missing_context="empty")
+  assert [e.context for e in joined] == ["a dog", ""]
+  assert (report.empty_texts, report.missing) == (1, 0)
+
+
 BAD_CONTEXTS = {
     # name: (source, file name, content, expected message; {path} is the file written)
     "id matching nothing": ("blip2", "twitter2017/contexts/blip2.txt",
@@ -149,6 +178,9 @@ BAD_CONTEXTS = {
                                       r"{path}:9: entry 3 has no tweet"),
     "not UTF-8": ("blip2", "twitter2017/contexts/blip2.txt", b"1.jpg :a\n2.jpg :\xe9t\xe9\n",
                   r"{path}:2: expected UTF-8 text"),
+    "JSONL line nested too deep": ("ctx.jsonl", "ctx.jsonl",
+                                   '{"image_id": "1", "context": "a"}\n' + "[" * 100_000 + "\n",
+                                   r"{path}:2: brackets nest more than 100 levels deep"),
 }
 
 

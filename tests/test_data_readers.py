@@ -133,6 +133,21 @@ BAD_INPUT = {
                            r"outside the sentence of 3 words"),
     "JMERE unknown relation": ("jmere", _jmere(relation="friend"),
                                r"{path}:item 1: label_list\[0\]\[0\]: unknown relation 'friend'"),
+    # Pathological lines: without bounds, a bare RecursionError or MemoryError.
+    "MNRE nested brackets": ("mnre", MNRE_LINE + "\n" + "[" * 100_000 + "\n",
+                             r"{path}:2: brackets nest more than 100 levels deep"),
+    "MNRE chain of minus signs": ("mnre", MNRE_LINE + "\n" + "-" * 100_000 + "1\n",
+                                  r"{path}:2: the line has 100,001 characters; expected at most "
+                                  r"100,000"),
+    "MNRE shorter chain of minus signs": ("mnre", "-" * 5_000 + "1\n",
+                                          r"{path}:1: more than 100 operators outside strings"),
+    "MNRE chain of attributes": ("mnre", "a" + ".a" * 20_000 + "\n",
+                                 r"{path}:1: expected a Python dict literal"),
+    "JMERE nested brackets": ("jmere", "[\n" + "[" * 100_000,
+                              r"{path}:2: brackets nest more than 100 levels deep"),
+    "empty split": ("twitter2017", "", r"{path}: no examples in the valid split"),
+    "split of blank lines": ("twitter2017", "\n\n \n", r"{path}: no examples in the valid split"),
+    "JMERE split without samples": ("jmere", "[]", r"{path}: no examples in the valid split"),
 }
 
 
@@ -146,6 +161,16 @@ def test_bad_input_names_file_line_and_expectation(tmp_path, case):
   path.write_bytes(content)
   with pytest.raises(DataFormatError, match=message.format(path=re.escape(str(path)))):
     readers.read_split(dataset, "valid", tmp_path)
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path, embedded_data_dir):
+  original = readers.split_path("twitter2017", "valid", embedded_data_dir).read_bytes()
+  path = readers.split_path("twitter2017", "valid", tmp_path)
+  path.parent.mkdir(parents=True)
+  path.write_bytes(b"\xef\xbb\xbf" + original)  # as Windows editors save UTF-8
+  fields = lambda examples: [(e.image_id, e.words, e.tags) for e in examples]
+  assert (fields(readers.read_split("twitter2017", "valid", tmp_path))
+          == fields(readers.read_split("twitter2017", "valid", embedded_data_dir)))
 
 
 @pytest.mark.parametrize("make", ["missing", "directory"])

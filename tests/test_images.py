@@ -113,3 +113,27 @@ def test_variable_output_size_cannot_be_batched():
   assert processor.output_hw is None
   with pytest.raises(ValueError, match="stacked"):
     load_images([], processor)
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch):
+  # 13,000 x 13,000 one-bit pixels compress to a small PNG that would decode to 169 megapixels.
+  huge = tmp_path / "huge.png"
+  Image.new("1", (13_000, 13_000)).save(huge)
+  small = tmp_path / "small.png"
+  Image.new("RGB", (30, 20), (255, 0, 0)).save(small)
+
+  def no_decoding(self, *args):
+    raise AssertionError(f"decoded {self.size}")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(Image.Image, "load", no_decoding)
+    patch.setattr(getattr(Image, "core"), "decoder", no_decoding, raising=False)
+    with pytest.raises(ImageReadError, match=r"huge\.png: 13000 x 13000 = 169,000,000 pixels is "
+                                             r"over the limit of 50,000,000 "
+                                             r"\(config\.max_image_pixels\)"):
+      ImageProcessor()(huge)
+    with pytest.raises(ImageReadError, match=r"small\.png: 30 x 20 = 600 pixels is over the "
+                                             r"limit of 599"):
+      ImageProcessor(max_pixels=599)(small)
+  assert ImageProcessor(max_pixels=600)(small).shape == (224, 224, 3)
+  assert ImageProcessor.from_checkpoint(tmp_path, max_pixels=600).max_pixels == 600

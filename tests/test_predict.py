@@ -320,18 +320,24 @@ def test_images_are_read_and_a_missing_one_names_its_line(tmp_path, minilm_dir):
   clip = test_export.write_tiny_clip(tmp_path / "clip")
   config = train_fixtures.tiny_config(tmp_path / "data", bert)
   config.use_image, config.image_encoder, config.image_dir = True, str(clip), str(tmp_path)
+  config.max_image_pixels = 2500  # the run's limit holds in predict too
   test_export.write_finished_run(tmp_path / "run", config)
   export.export_run(tmp_path / "run", tmp_path / "model")
   Image.new("RGB", (48, 40), (200, 30, 30)).save(tmp_path / "red.png")
+  Image.new("RGB", (60, 60), (30, 30, 200)).save(tmp_path / "big.png")
   path = tmp_path / "in.jsonl"
   path.write_text('{"text": "red car", "context": "a red car", "image": "red.png"}\n'
-                  '{"text": "blue sky", "context": "the sky", "image": "gone.png"}\n')
+                  '{"text": "blue sky", "context": "the sky", "image": "gone.png"}\n'
+                  '{"text": "big sea", "context": "the sea", "image": "big.png"}\n')
   queries = predict.read_queries(path)
   exported = export.load_model(tmp_path / "model")
   with pytest.raises(DataFormatError, match="in.jsonl:2: image file .*gone.png not found"):
     predict.Predictor(exported).predict(queries)
+  with pytest.raises(DataFormatError, match=r"big\.png: 60 x 60 = 3,600 pixels is over the "
+                                            r"limit of 2,500 \(config\.max_image_pixels\)"):
+    predict.Predictor(exported).predict([queries[0], queries[2]])
   records, report = predict.Predictor(exported, missing_image="blank").predict(queries)
-  assert report["blank_images"] == 1 and [len(r["tags"]) for r in records] == [2, 2]
+  assert report["blank_images"] == 2 and [len(r["tags"]) for r in records] == [2, 2, 2]
 
 
 @pytest.fixture(scope="module")

@@ -42,14 +42,11 @@ def uninterrupted(tiny, tmp_path_factory):
 
 
 def _losses(workdir: pathlib.Path) -> dict[int, float]:
-  """Loss per step from the metrics log; a resumed run's replayed steps overwrite the killed
-  ones."""
-  losses = {}
-  for line in (workdir / train.METRICS_LOG).read_text().splitlines():
-    record = json.loads(line)
-    if "loss" in record:
-      losses[record["step"]] = record["loss"]
-  return losses
+  """Loss per step from the metrics log, which holds every step once, resumed or not."""
+  records = [json.loads(line) for line in (workdir / train.METRICS_LOG).read_text().splitlines()]
+  steps = [r["step"] for r in records if "loss" in r]
+  assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
+  return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def _jsonl_scalars(workdir: pathlib.Path) -> dict[str, dict[int, float]]:

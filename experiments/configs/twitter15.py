@@ -17,4 +17,5 @@ def get_config():
   config.dataset = "twitter2015"
   config.data_dir = "../shared/data"
   config.contexts = "blip2"
+  config.missing_context = "empty"  # one tweet of train and one of valid have an empty caption
   return config

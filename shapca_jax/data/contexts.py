@@ -7,8 +7,9 @@ one file per split). Contexts join to examples on the image id, with or without 
 PGIM files carry no ids and join by position, each entry checked against its tweet's words.
 
 Every id in a context file must match an image of the data set it was written for, and every
-example must find its context, unless `missing_context="empty"`, in which case the missing ones
-get no context and are counted in the returned report and logged.
+example must find a non-empty context, unless `missing_context="empty"`, in which case the
+missing ones get no context, the empty ones keep theirs, and both are counted in the returned
+report and logged.
 """
 
 import ast
@@ -23,7 +24,8 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from shapca_jax.data import readers
-from shapca_jax.data.errors import DataFormatError, blocks, count_crlf, read_lines, where
+from shapca_jax.data.errors import (DataFormatError, blocks, check_json_nesting, check_python_line,
+                                    count_crlf, read_lines, where)
 from shapca_jax.data.readers import Example
 
 TWITTER_SOURCES = ("blip2", "pgim")
@@ -112,9 +114,10 @@ def read_camim_file(path: pathlib.Path) -> list[ContextEntry]:
   """MNRE captioner file (CAMIM): one dict literal `{'img_id': ..., 'text': ...}` per line."""
   entries = []
   for i, line in enumerate(read_lines(path)):
+    check_python_line(line, where(path, i + 1))
     try:
       record = ast.literal_eval(line)
-    except (ValueError, SyntaxError) as err:
+    except (ValueError, SyntaxError, RecursionError, MemoryError) as err:  # see check_python_line
       raise DataFormatError(f"{where(path, i + 1)}: expected a Python dict literal "
                             f"{{'img_id': ..., 'text': ...}}, got {line[:80]!r}") from err
     entries.append(_keyed_entry(record, "img_id", "text", path, i + 1))
@@ -126,6 +129,7 @@ def read_jsonl(path: pathlib.Path) -> list[ContextEntry]:
   `image_id` and `context` are read."""
   entries = []
   for i, line in enumerate(read_lines(path)):
+    check_json_nesting(line, path, first_line=i + 1)
     try:
       record = json.loads(line)
     except json.JSONDecodeError as err:
@@ -201,15 +205,17 @@ def attach_contexts(
     examples: `readers.read_split(dataset, split, data_dir)`.
     dataset, split, data_dir: what the examples were read from.
     source: a name of `builtin_sources(dataset)` or a JSONL path.
-    missing_context: `error` (default) raises on an example without context; `empty` leaves its
-      `context` None and counts it in the report.
+    missing_context: `error` (default) raises on an example without context or with an empty
+      one; `empty` leaves a missing `context` None, keeps an empty one, and counts both in the
+      report.
 
   Returns:
     The examples with `context` set, and the coverage report.
 
   Raises:
     DataFormatError: a malformed context file, an id matching no image of the data set, two
-      different contexts for one image, or (with `missing_context="error"`) a missing context.
+      different contexts for one image, or (with `missing_context="error"`) a missing or empty
+      context.
   """
   if missing_context not in MISSING_CONTEXT:
     raise ValueError(f"missing_context={missing_context!r}; expected one of {MISSING_CONTEXT}")
@@ -218,25 +224,35 @@ def attach_contexts(
   entries = spec.reader(path)
   if spec.by_order:
     texts = _align_by_order(examples, entries, path)
+    lines = [e.line for e in entries]
     dropped = 0
   else:
-    table, dropped = _table(entries, path, spec.placeholders)
+    table, first_lines, dropped = _table(entries, path, spec.placeholders)
     _check_all_matched(table, _owner_keys(spec, data_dir, split), path)
     texts = [table.get(image_key(e.image_id)) for e in examples]
+    lines = [first_lines.get(image_key(e.image_id)) for e in examples]
   missing = [e for e, t in zip(examples, texts) if t is None]
+  empty = [(e, line) for e, t, line in zip(examples, texts, lines) if t == ""]
   if missing and missing_context == "error":
     listed = "; ".join(f"{e.source} (image {e.image_id})" for e in missing[:5])
     raise DataFormatError(
         f"{path}: {len(missing)} of {len(examples)} examples have no context, e.g. {listed}; "
         "expected one per example (pass missing_context='empty' to count them instead)")
+  if empty and missing_context == "error":
+    (example, line), others = empty[0], len(empty) - 1
+    raise DataFormatError(
+        f"{where(path, line)}: the context of {example.source} (image {example.image_id}) is "
+        f"empty{f', and {others} more' if others else ''}; expected text (pass "
+        "missing_context='empty' to count empty contexts instead)")
   report = ContextReport(
       source=spec.name, split=split, files=[str(path)], examples=len(examples),
       with_context=len(examples) - len(missing), missing=len(missing),
       empty_texts=sum(1 for t in texts if t == ""), placeholders_dropped=dropped,
       crlf_lines=count_crlf(path))
-  if missing:
-    logging.warning("%s: %d of %d %s/%s examples have no context (missing_context=empty)",
-                    path, len(missing), len(examples), dataset, split)
+  if missing or empty:
+    logging.warning("%s: %d of %d %s/%s examples have no context and %d an empty one "
+                    "(missing_context=empty)", path, len(missing), len(examples), dataset, split,
+                    len(empty))
   return [dataclasses.replace(e, context=t) for e, t in zip(examples, texts)], report
 
 
@@ -252,7 +268,7 @@ def _table(entries: list[ContextEntry], path, placeholders: frozenset[str]):
                             f"different context at line {lines[entry.key]}; expected one per image")
     table[entry.key] = entry.text
     lines.setdefault(entry.key, entry.line)
-  return table, dropped
+  return table, lines, dropped
 
 
 def _owner_keys(spec: ContextSource, data_dir, split: str) -> set[str]:

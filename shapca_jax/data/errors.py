@@ -3,7 +3,19 @@ the file and the line."""
 
 import os
 import pathlib
+import re
 from collections.abc import Iterator
+
+import numpy as np
+
+# Python's parser and json recurse once per nesting level (and per operator of a chain such as
+# `- - - 1`), so a pathological line would end in a bare RecursionError or MemoryError. Real
+# records nest 4 levels deep and have lines of at most 3,529 characters (MiniCPM contexts).
+MAX_LINE_CHARS = 100_000
+MAX_NESTING = 100
+_PYTHON_STRING = re.compile(r"'(?:[^'\\\n]|\\.)*'" + r'|"(?:[^"\\\n]|\\.)*"')
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_OPERATORS = re.compile(r"[-+~*/%@&|^<>!]")
 
 
 class DataFormatError(ValueError):
@@ -34,6 +46,7 @@ def read_lines(path: os.PathLike | str) -> list[str]:
     raise DataFormatError(
         f"{where(path, line)}: expected UTF-8 text, found the byte {raw[err.start:err.start + 1]!r}"
     ) from err
+  text = text.removeprefix("\ufeff")  # the byte-order mark some Windows editors write
   lines = [line.removesuffix("\r") for line in text.split("\n")]
   if lines and not lines[-1]:
     lines.pop()  # the final line end does not start another line
@@ -57,3 +70,36 @@ def blocks(lines: list[str]) -> Iterator[tuple[int, int]]:
       end += 1
     yield start, end
     start = end
+
+
+def check_python_line(line: str, loc: str) -> None:
+  """Raises `DataFormatError` at `loc` for a line too long or too deeply nested (brackets or
+  operators outside string literals) for `ast.literal_eval` to parse safely."""
+  if len(line) > MAX_LINE_CHARS:
+    raise DataFormatError(f"{loc}: the line has {len(line):,} characters; expected at most "
+                          f"{MAX_LINE_CHARS:,}")
+  code = _PYTHON_STRING.sub("''", line)
+  if len(_OPERATORS.findall(code)) > MAX_NESTING:
+    raise DataFormatError(f"{loc}: more than {MAX_NESTING} operators outside strings; expected "
+                          "a literal")
+  _check_depth(code, lambda position: loc)
+
+
+def check_json_nesting(text: str, path: os.PathLike | str, first_line: int = 1) -> None:
+  """Raises `DataFormatError` naming the file and line where `text` (JSON starting at line
+  `first_line` of `path`) nests deeper than `MAX_NESTING` outside strings."""
+  _check_depth(_JSON_STRING.sub('""', text),
+               lambda position: where(path, first_line + text.count("\n", 0, position)))
+
+
+def _check_depth(code: str, loc_at) -> None:
+  """`code` is text with its string literals emptied, so only real brackets count (string
+  lengths change, but never the newlines before a position, which `loc_at` counts)."""
+  chars = np.frombuffer(code.encode("utf-8", "replace"), np.uint8)
+  step = np.isin(chars, np.frombuffer(b"([{", np.uint8)).astype(np.int32)
+  step -= np.isin(chars, np.frombuffer(b")]}", np.uint8))
+  depth = np.cumsum(step)
+  if depth.size and depth.max() > MAX_NESTING:
+    position = int(np.argmax(depth > MAX_NESTING))
+    raise DataFormatError(f"{loc_at(position)}: brackets nest more than {MAX_NESTING} levels "
+                          "deep; expected a record a few levels deep")

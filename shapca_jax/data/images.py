@@ -27,6 +27,9 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the code stored in preprocessor configs
 MISSING_IMAGE_MODES = ("error", "blank")
+# Larger images are refused from their header, before decoding: Pillow's own limit (179
+# megapixels, a warning from 89) would let a 13,000 x 13,000 PNG take almost 1 GB.
+DEFAULT_MAX_PIXELS = 50_000_000
 
 # Preprocessor switches we do not implement; a config that turns one on is rejected.
 _UNSUPPORTED_SWITCHES = ("do_pad", "do_reduce_labels", "do_flip_channel_order")
@@ -41,7 +44,8 @@ class ImageProcessor:
   """Settings of a transformers image processor; call it on a file path.
 
   Exactly one of `shortest_edge` (resize keeping the aspect ratio) or `resize_hw`
-  (resize to a fixed height and width) is set when `do_resize` is true.
+  (resize to a fixed height and width) is set when `do_resize` is true. Files of more than
+  `max_pixels` pixels are refused (`ImageReadError`) before they are decoded.
   """
   do_convert_rgb: bool = True
   do_resize: bool = True
@@ -55,24 +59,26 @@ class ImageProcessor:
   do_normalize: bool = True
   image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
   image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+  max_pixels: int = DEFAULT_MAX_PIXELS
 
   def __post_init__(self):
     if self.do_resize and (self.shortest_edge is None) == (self.resize_hw is None):
       raise ValueError("set exactly one of shortest_edge and resize_hw when do_resize is true")
 
   @classmethod
-  def from_checkpoint(cls, folder: str | pathlib.Path) -> "ImageProcessor":
+  def from_checkpoint(cls, folder: str | pathlib.Path,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> "ImageProcessor":
     """Reads `preprocessor_config.json` from a checkpoint folder (CLIP defaults when absent)."""
     path = pathlib.Path(folder) / "preprocessor_config.json"
     if not path.is_file():
       if not pathlib.Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: checkpoint folder not found")
-      return cls()
+      return cls(max_pixels=max_pixels)
     try:
       values = json.loads(path.read_text())
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
-    return cls.from_dict(values, str(path))
+    return dataclasses.replace(cls.from_dict(values, str(path)), max_pixels=max_pixels)
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any],
@@ -118,7 +124,7 @@ class ImageProcessor:
     Raises:
       ImageReadError: naming the file when it is missing, truncated or not an image.
     """
-    return self.preprocess(_decode(path))
+    return self.preprocess(_decode(path, self.max_pixels))
 
   def preprocess(self, image: Image.Image) -> np.ndarray:
     """Preprocesses a decoded PIL image into float32 [H, W, C]."""
@@ -191,12 +197,19 @@ def _to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
-def _decode(path: str | pathlib.Path) -> Image.Image:
-  """Opens and fully decodes an image, applying its EXIF orientation."""
+def _decode(path: str | pathlib.Path, max_pixels: int) -> Image.Image:
+  """Opens and fully decodes an image of at most `max_pixels` pixels, applying its EXIF
+  orientation."""
   try:
-    with Image.open(path) as image:
+    with Image.open(path) as image:  # reads the header only
+      if image.width * image.height > max_pixels:
+        raise ImageReadError(f"{path}: {image.width} x {image.height} = "
+                             f"{image.width * image.height:,} pixels is over the limit of "
+                             f"{max_pixels:,} (config.max_image_pixels); refusing to decode it")
       image.load()  # Image.open is lazy: truncated data only fails here
       return ImageOps.exif_transpose(image)
+  except ImageReadError:
+    raise
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise ImageReadError(f"{path}: cannot read the image ({e})") from e
 

@@ -13,7 +13,8 @@ import pathlib
 from collections.abc import Callable, Sequence
 
 from shapca_jax.data import labels
-from shapca_jax.data.errors import DataFormatError, blocks, read_lines, where
+from shapca_jax.data.errors import (DataFormatError, blocks, check_json_nesting, check_python_line,
+                                    read_lines, where)
 from shapca_jax.data.labels import Quintuple, Span
 
 DATASETS = ("twitter2015", "twitter2017", "mnre", "jmere")
@@ -89,12 +90,15 @@ def read_split(dataset: str, split: str, data_dir: os.PathLike | str) -> list[Ex
     data_dir: the folder holding one sub-folder per data set (`data/` or the shared copy).
 
   Raises:
-    DataFormatError: the file is missing, unreadable or malformed.
+    DataFormatError: the file is missing, unreadable, malformed or holds no example.
   """
   path = split_path(dataset, split, data_dir)
   if dataset == "mnre":
     check_rel2id(pathlib.Path(data_dir) / MNRE_REL2ID_FILE)
-  return _READERS[dataset](path)
+  examples = _READERS[dataset](path)
+  if not examples:
+    raise DataFormatError(f"{path}: no examples in the {split} split; expected at least one")
+  return examples
 
 
 def available_splits(dataset: str, data_dir: os.PathLike | str) -> tuple[str, ...]:
@@ -147,9 +151,10 @@ def read_mnre(path: os.PathLike | str) -> list[Example]:
   examples = []
   for i, line in enumerate(read_lines(path)):
     loc = where(path, i + 1)
+    check_python_line(line, loc)
     try:
       record = ast.literal_eval(line)
-    except (ValueError, SyntaxError) as err:
+    except (ValueError, SyntaxError, RecursionError, MemoryError) as err:  # see check_python_line
       raise DataFormatError(f"{loc}: expected a Python dict literal, got {line[:80]!r}") from err
     words = _words(record, "token", loc)
     relation = _field(record, "relation", str, loc)
@@ -180,6 +185,7 @@ def read_jmere(path: os.PathLike | str) -> list[Example]:
   """JMERE: a JSON list of `{'token', 'img_id', 'label_list'}`, `label_list` a list of lists of
   `{'beg_ent': {name, pos, tags}, 'sec_ent': {...}, 'relation'}`."""
   text = "\n".join(read_lines(path))
+  check_json_nesting(text, path)
   try:
     items = json.loads(text)
   except json.JSONDecodeError as err:
