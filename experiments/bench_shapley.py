@@ -352,6 +352,9 @@ def main() -> None:
                       help="the GPU's peak memory bandwidth (default: H100 SXM)")
   parser.add_argument("--given_permutations", action="store_true",
                       help="time every contender on ours' permutations, drawn beforehand")
+  parser.add_argument("--cpu_threefry", action=argparse.BooleanOptionalAction, default=True,
+                      help="on CPU, hash large threefry draws as straight-line code "
+                      "(shapca_jax.cpu_threefry, as config.cpu_threefry does for training)")
   parser.add_argument("--output", type=pathlib.Path, default=None)
   args = parser.parse_args()
   if args.seconds_per_size is None:
@@ -369,6 +372,9 @@ def main() -> None:
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   import jax
 
+  if args.cpu_threefry and args.device == "cpu":
+    from shapca_jax import cpu_threefry
+    cpu_threefry.install()
   sizes = QUICK_SIZES if args.quick else (GRID if args.device == "gpu" else FULL_SIZES)
   if args.sizes:
     sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes]
@@ -378,7 +384,8 @@ def main() -> None:
           "machine": platform.processor() or platform.machine(), "tau": TAU,
           "utility": "softmax_expectation", "timing": "median over interleaved turns",
           "cores_used": len(os.sched_getaffinity(0)), "command": " ".join(sys.argv),
-          "load_average_before": os.getloadavg(), "peak_gbps": args.peak_gbps}
+          "load_average_before": os.getloadavg(), "peak_gbps": args.peak_gbps,
+          "cpu_threefry": args.cpu_threefry}
   if has_torch:
     import torch
 

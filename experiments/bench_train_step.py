@@ -290,7 +290,8 @@ def _memory(side: str, name: str, args) -> dict[str, Any]:
 def _forwarded_flags(args) -> list[str]:
   flags = ["--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch),
            "--length", str(args.length), "--words", str(args.words),
-           "--warmup", str(args.warmup), "--seed", str(args.seed)]
+           "--warmup", str(args.warmup), "--seed", str(args.seed),
+           "--cpu_threefry" if args.cpu_threefry else "--no-cpu_threefry"]
   flags += ["--cpus", str(args.cpus)] if args.cpus else []
   return flags + (["--minilm_dir", args.minilm_dir] if args.minilm_dir else [])
 
@@ -465,6 +466,9 @@ def main() -> None:
   parser.add_argument("--output", default=None,
                       help="JSON path (default results/bench_train_step_<device>_<dtype>"
                       "[_mesh].json)")
+  parser.add_argument("--cpu_threefry", action=argparse.BooleanOptionalAction, default=True,
+                      help="on CPU, hash large threefry draws as straight-line code "
+                      "(shapca_jax.cpu_threefry, as config.cpu_threefry does for training)")
   parser.add_argument("--_child", choices=("jax", "pytorch_eager"), default=None,
                       help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -483,6 +487,10 @@ def main() -> None:
     if args.cpus:
       torch.set_num_threads(args.cpus)
 
+  if args.cpu_threefry and args.device == "cpu":
+    from shapca_jax import cpu_threefry
+    cpu_threefry.install()
+
   if args._child:
     print(json.dumps(_child(args._child, args.configs, args)))
     return
@@ -492,7 +500,7 @@ def main() -> None:
   output.parent.mkdir(parents=True, exist_ok=True)  # fail before the long runs, not after
   run, table = (_run_mesh, _mesh_table) if args.mesh else (_run, _table)
   settings = {k: getattr(args, k) for k in ("device", "dtype", "batch", "length", "words",
-                                            "warmup", "iters", "mesh")}
+                                            "warmup", "iters", "mesh", "cpu_threefry")}
   environment = _environment(args)
   results = []
   for name in args.configs.split(","):

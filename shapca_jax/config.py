@@ -89,6 +89,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.warmup_ratio = 0.1
   config.grad_clip_norm = 1.0
   config.seed = 0
+  # On a CPU backend, hash large threefry draws (dropout masks) as straight-line code
+  # (shapca_jax/cpu_threefry.py): the same random bits, a faster step.
+  config.cpu_threefry = True
 
   # Devices (shapca_jax/sharding.py): batch rows split over data x fsdp devices; fsdp > 1 also
   # splits params and optimizer state. -1 takes every device the other axis leaves. batch_size
@@ -149,7 +152,7 @@ _NON_NEGATIVE = ("weight_decay", "align.lambda_ct", "align.lambda_ci", "early_st
                  "stop_after_epochs")
 
 _BOOLEAN = ("use_context", "use_image", "crf.constrained_training", "align.antithetic",
-            "progress_bar", "tensorboard")
+            "progress_bar", "tensorboard", "cpu_threefry")
 
 
 def validate_config(config: Any) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 import tqdm
 
 from shapca_jax import checkpoint
+from shapca_jax import cpu_threefry
 from shapca_jax import metrics as metrics_lib
 from shapca_jax import optim
 from shapca_jax import runlog
@@ -63,7 +64,7 @@ TEST_PREDICTIONS_FILE = "test_predictions.jsonl.gz"
 # the numbers of the steps it takes (a run may continue on another mesh: checkpoints restore
 # onto any sharding).
 RESUME_IGNORE_KEYS = ("log_every_steps", "progress_bar", "tensorboard", "eval_batch_size",
-                      "mesh.*", "stop_after_epochs", "early_stop_patience")
+                      "mesh.*", "stop_after_epochs", "early_stop_patience", "cpu_threefry")
 # Row fields that place an evaluated row in its split (see `predict_split`).
 ROW_FIELDS = ("example_index", "valid", "num_words")
 
@@ -444,6 +445,8 @@ def _append_jsonl(path: pathlib.Path, record: dict) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains, selects the best dev checkpoint, scores it on test; returns the results dict."""
   validate_config(config)
+  if config.cpu_threefry and jax.default_backend() == "cpu":
+    cpu_threefry.install()
   mesh = sharding.mesh_from_config(config)
   for key in ("batch_size", "eval_batch_size"):
     if config[key] % mesh.size:

@@ -42,7 +42,8 @@ def test_impossible_values_name_the_key(key, value, pattern):
     validate_config(config)
 
 
-@pytest.mark.parametrize("key", ["tensorboard", "progress_bar", "align.antithetic"])
+@pytest.mark.parametrize("key", ["tensorboard", "progress_bar", "align.antithetic",
+                                 "cpu_threefry"])
 def test_switches_must_be_booleans(key):
   # A config read from JSON or a dict is not type-checked by ml_collections on the way in.
   config = _valid().to_dict()
