@@ -28,12 +28,13 @@ Resume rules:
 """
 
 import base64
+import contextlib
 import dataclasses
 import fnmatch
 import json
 import logging
 import math
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 from etils import epath
 import jax
@@ -295,8 +296,9 @@ def _best_score(meta: Mapping[str, Any]) -> float:
   return best["value"] if best["mode"] == "max" else -best["value"]
 
 
-def restore_best(workdir: Union[str, epath.Path], abstract_params: PyTree) -> PyTree:
-  """The params of the best evaluation in ``workdir``, on the shardings of ``abstract_params``."""
+@contextlib.contextmanager
+def _best_checkpoint(workdir: Union[str, epath.Path]) -> Iterator[tuple[ocp.CheckpointManager, int]]:
+  """A read-only manager of ``workdir``'s best checkpoints and the step of the best one."""
   directory = _checkpoints_dir(workdir) / BEST_DIR
   if not directory.exists():
     raise FileNotFoundError(f"no best checkpoint under {directory}")
@@ -306,11 +308,26 @@ def restore_best(workdir: Union[str, epath.Path], abstract_params: PyTree) -> Py
     if not steps:
       raise FileNotFoundError(f"no best checkpoint under {directory}")
     # One step is kept; two exist only if a run died between saving a new best and pruning.
-    step = max(steps, key=lambda s: _best_score(_read_meta(manager, s)))
-    return manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract(abstract_params))))["params"]
+    yield manager, max(steps, key=lambda s: _best_score(_read_meta(manager, s)))
   finally:
     manager.close()
+
+
+def restore_best(workdir: Union[str, epath.Path], abstract_params: PyTree) -> PyTree:
+  """The params of the best evaluation in ``workdir``, on the shardings of ``abstract_params``."""
+  with _best_checkpoint(workdir) as (manager, step):
+    return manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract(abstract_params))))["params"]
+
+
+def best_metadata(workdir: Union[str, epath.Path]) -> dict[str, Any]:
+  """What is stored beside the best params in ``workdir``: ``step``, ``metrics`` (that
+  evaluation's scalars), ``best`` and the run's ``config`` (flat, as ``flatten_config``).
+
+  Readable while the run is still training, unlike its results.json.
+  """
+  with _best_checkpoint(workdir) as (manager, step):
+    return _read_meta(manager, step)
 
 
 class TrainCheckpointer:
