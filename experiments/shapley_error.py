@@ -8,7 +8,9 @@ several permutation keys. Per estimate:
 
   rel_rmse        ||phi_hat - phi|| / ||phi||   (Frobenius norm over the k x k games)
   max_abs         max |phi_hat - phi|
-  loss_abs        |L(phi_hat) - L(phi)|, L the direction's contrastive loss (tau_c, groups)
+  loss_diff       L(phi_hat) - L(phi), L the direction's contrastive loss (tau_c, groups);
+                  its mean is the bias of the loss training sees
+  loss_abs        |L(phi_hat) - L(phi)|
   loss_rel        loss_abs / L(phi)
   argmax_agree    share of anchors j with argmax_i phi_hat_ij = argmax_i phi_ij
   seconds         one jitted mc_shapley call (CPU wall time, dispatch included)
@@ -49,7 +51,7 @@ from shapca_jax.models.shapca import ShapCA
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent
 # direction name -> (players, anchors), as losses.alignment_loss pairs them.
 DIRECTIONS = {"c2t": ("context_vec", "text_vec"), "t2c": ("text_vec", "context_vec")}
-METRICS = ("rel_rmse", "max_abs", "loss_abs", "loss_rel", "argmax_agree", "seconds")
+METRICS = ("rel_rmse", "max_abs", "loss_diff", "loss_abs", "loss_rel", "argmax_agree", "seconds")
 
 
 @dataclasses.dataclass
@@ -94,6 +96,14 @@ def game_settings(config: ml_collections.ConfigDict) -> losses.AlignmentConfig:
   return steps.alignment_config(align)
 
 
+def model_and_params(config: ml_collections.ConfigDict, data: train.Data):
+  """The model and the params its training starts from, as ``train.train_and_evaluate``
+  makes them."""
+  model, pretrained = train.build_model(config, data.vocab_size)
+  init_rng, _ = jax.random.split(jax.random.key(config.seed))
+  return model, train.init_params(model, pretrained, data.train.batch(0), init_rng)
+
+
 def alignment_vectors(config: ml_collections.ConfigDict, data_workdir: pathlib.Path,
                       num_batches: int, run_workdir: pathlib.Path | None = None) -> list[dict]:
   """Text and context vectors of the first ``num_batches`` training batches of the run.
@@ -105,9 +115,7 @@ def alignment_vectors(config: ml_collections.ConfigDict, data_workdir: pathlib.P
   if not config.use_context:
     raise ValueError("config.use_context=False: there are no context vectors to align")
   data = train.build_data(config, data_workdir)
-  model, pretrained = train.build_model(config, data.vocab_size)
-  init_rng, _ = jax.random.split(jax.random.key(config.seed))  # as train_and_evaluate
-  params = train.init_params(model, pretrained, data.train.batch(0), init_rng)
+  model, params = model_and_params(config, data)
   if run_workdir is not None:
     params = checkpoint.restore_best(run_workdir, params)
   encode = jax.jit(functools.partial(model.apply, method=ShapCA.encode, deterministic=True))
@@ -151,6 +159,7 @@ def estimate_errors(estimate: np.ndarray, game: Game, tau_c: float) -> dict[str,
   agree = np.argmax(masked(estimate), axis=0) == np.argmax(masked(exact), axis=0)
   return {"rel_rmse": float(np.linalg.norm(difference) / np.linalg.norm(exact)),
           "max_abs": float(np.max(np.abs(difference))),
+          "loss_diff": loss - game.exact_loss,
           "loss_abs": abs(loss - game.exact_loss),
           "loss_rel": abs(loss - game.exact_loss) / abs(game.exact_loss),
           "argmax_agree": float(np.mean(agree[valid]))}
@@ -220,13 +229,14 @@ def game_summary(games: Sequence[Game]) -> dict[str, dict[str, float]]:
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
   lines = ["| antithetic | direction | M | rel. RMSE | rel. RMSE x sqrt(M) | max abs err | "
-           "loss abs err | loss rel err | argmax agrees | ms / estimate |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "loss bias | loss abs err | loss rel err | argmax agrees | ms / estimate |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(
         f"| {'on' if r['antithetic'] else 'off'} | {r['direction']} | {r['M']} | "
         f"{r['rel_rmse']:.4f} | {r['rel_rmse'] * r['M'] ** 0.5:.3f} | {r['max_abs']:.2e} | "
-        f"{r['loss_abs']:.2e} | {r['loss_rel']:.2e} | {r['argmax_agree']:.3f} | "
+        f"{r['loss_diff']:+.1e} | {r['loss_abs']:.2e} | {r['loss_rel']:.2e} | "
+        f"{r['argmax_agree']:.3f} | "
         f"{1e3 * r['seconds']:.2f} |")
   return "\n".join(lines)
 

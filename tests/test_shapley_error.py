@@ -11,10 +11,11 @@ import math
 import pathlib
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-from shapca_jax import train
+from shapca_jax import checkpoint, train
 import train_fixtures
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
@@ -101,8 +102,9 @@ def test_error_metrics_of_a_known_estimate(config, games):
   assert metrics["max_abs"] == pytest.approx(0.3, rel=1e-6)
   assert metrics["argmax_agree"] == pytest.approx(expected_agree)
   assert expected_agree < 1  # the perturbation moved player 0 to the top of anchor 1
-  true_change = abs(_loss(estimate, tau_c, game.same_group) - _loss(exact, tau_c, game.same_group))
-  assert metrics["loss_abs"] == pytest.approx(true_change, rel=1e-3, abs=1e-6)
+  true_change = _loss(estimate, tau_c, game.same_group) - _loss(exact, tau_c, game.same_group)
+  assert metrics["loss_diff"] == pytest.approx(true_change, rel=1e-3, abs=1e-6)
+  assert metrics["loss_abs"] == abs(metrics["loss_diff"])
   assert metrics["loss_rel"] == pytest.approx(metrics["loss_abs"] / game.exact_loss)
 
 
@@ -129,3 +131,23 @@ def test_run_config_reads_a_finished_run(tmp_path, config):
   assert "finished run" in model
   with pytest.raises(FileNotFoundError, match="no best checkpoint"):
     shapley_error.run_config(tmp_path / "not_a_run")
+
+
+def test_a_runs_best_checkpoint_gives_the_vectors(config, games, tmp_path):
+  """A run still training: its config and best params are read from beside the checkpoint.
+  Its params are training's first ones with the text projection's output layer negated, so
+  its text vectors are the negated initial ones and its context vectors the initial ones."""
+  initial = games[0]
+  data = train.build_data(config, tmp_path / "data")
+  _, params = shapley_error.model_and_params(config, data)
+  params["text_proj"]["out"] = jax.tree.map(lambda x: -x, params["text_proj"]["out"])
+  run = tmp_path / "run"
+  with checkpoint.TrainCheckpointer(run, config.to_dict(), save_every_steps=1) as ckpt:
+    ckpt.save_best(5, params, {"f1": 0.25})
+  loaded, model = shapley_error.run_config(run)
+  assert loaded.to_dict() == config.to_dict()
+  assert "step 5" in model and "0.2500" in model
+  vectors = shapley_error.alignment_vectors(loaded, tmp_path / "data", 2, run_workdir=run)
+  for got, want in zip(vectors, initial):
+    np.testing.assert_allclose(got["text_vec"], -want["text_vec"], atol=1e-5)
+    np.testing.assert_allclose(got["context_vec"], want["context_vec"], atol=1e-5)
