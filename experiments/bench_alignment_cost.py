@@ -14,9 +14,12 @@ weights), and so is the timing: all settings alternate step by step in one proce
 are reported, with each setting's ratio to the first setting ("none"): the median over rounds
 of the two steps' time ratio. Memory is measured in a fresh process per setting, after
 compilation and warm-up (bench_train_step.peak_rss_of_steps): the peak resident set over two
-steps (libraries and the allocator's retained memory included), and that peak less the
-resident set just before those steps, the memory the step itself takes; on GPU also the
-allocator peak.
+steps (libraries and the allocator's retained memory included; the resident set before those
+steps is in the JSON), on GPU also the allocator peak.
+
+A setting's own cost can hide in the noise of step times on a shared machine, so each
+alignment loss is also timed alone (value and gradient on random
+vectors of the step's shapes, ``--alignment_iters`` calls per setting, interleaved).
 
   python experiments/bench_alignment_cost.py --align none,infonce,shapley:8,shapley:32,shapley:128
 """
@@ -31,6 +34,8 @@ import statistics
 import subprocess
 import sys
 from typing import Any
+
+import numpy as np
 
 import bench_train_step as bench  # experiments/ is on sys.path as the script dir
 import timing
@@ -68,6 +73,25 @@ def _model(args):
   batch = bench._batch(text_config, vision_config, args)
   model = bench._jax_model(text_config, vision_config, args)
   return model, jax.device_get(bench._jax_params(model, batch, folder)), batch
+
+
+def _alignment_runner(align, batch, args):
+  """The alignment loss alone, value and gradient, on random unit vectors of the step's
+  shapes (its cost does not depend on their values): what each setting adds to a step,
+  timed in milliseconds rather than as a small share of a noisy step time."""
+  import jax
+  from shapca_jax import steps
+
+  rng = np.random.default_rng(args.seed)
+  vectors = {}
+  for name in ("text_vec", "context_vec"):
+    x = rng.normal(size=(args.batch, bench._default_config().proj_dim)).astype(np.float32)
+    vectors[name] = x / np.linalg.norm(x, axis=1, keepdims=True)
+  fields = {k: batch[k] for k in ("image_group", "valid")}
+  key = jax.random.key(args.seed)
+  loss = jax.jit(jax.value_and_grad(lambda v: steps.alignment(v, fields, key, align)[0]))
+  jax.block_until_ready(loss(vectors))  # compilation
+  return (lambda: loss(vectors)), jax.block_until_ready
 
 
 def _child(setting: str, args) -> dict[str, Any]:
@@ -111,11 +135,16 @@ def run(settings: dict[str, dict[str, Any]], args) -> dict[str, Any]:
     first[setting] = {k: float(v) for k, v in jax.device_get(metrics).items()}
   load_before = os.getloadavg()
   times = timing.interleaved_times(runners, args.warmup, args.iters)
+  alone = timing.interleaved_times(
+      {setting: _alignment_runner(align_config(overrides), batch, args)
+       for setting, overrides in settings.items()}, args.warmup, args.alignment_iters)
   results = {"load_average_before": load_before, "load_average_after": os.getloadavg(),
              "settings": {}}
   reference = next(iter(settings))
   for setting, seconds in times.items():
-    row = {**bench._speed(seconds, args.batch), "first_step_metrics": first[setting]}
+    row = {**bench._speed(seconds, args.batch), "first_step_metrics": first[setting],
+           "alignment_alone_median_s": statistics.median(alone[setting]),
+           "alignment_alone_min_s": min(alone[setting])}
     # Per round (all settings back to back), so that slow swings of the load cancel.
     row["time_ratio"] = statistics.median(t / r for t, r in zip(seconds, times[reference]))
     if args.memory:
@@ -127,18 +156,18 @@ def run(settings: dict[str, dict[str, Any]], args) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
   reference = results["reference"]
-  lines = [f"| alignment | ms / step (median) | x {reference} | peak RSS MiB | "
-           f"peak - {reference} MiB | step's own MiB (peak - before) |", "|---|---|---|---|---|---|"]
+  lines = [f"| alignment | ms / step (median) | ms / step (min) | x {reference} (median of rounds) | "
+           f"alignment loss alone, ms (median) | peak RSS MiB | peak - {reference} MiB |",
+           "|---|---|---|---|---|---|---|"]
   rows = results["settings"]
   base = rows[reference].get("memory", {}).get("peak_rss_mib")
   for setting, r in rows.items():
-    memory = r.get("memory", {})
-    peak, before = memory.get("peak_rss_mib"), memory.get("rss_before_steps_mib")
+    peak = r.get("memory", {}).get("peak_rss_mib")
     lines.append(
-        f"| {setting} | {1e3 * r['median_s']:.0f} | {r['time_ratio']:.3f} | "
+        f"| {setting} | {1e3 * r['median_s']:.0f} | {1e3 * r['min_s']:.0f} | "
+        f"{r['time_ratio']:.3f} | {1e3 * r['alignment_alone_median_s']:.2f} | "
         f"{'-' if peak is None else f'{peak:.0f}'} | "
-        f"{'-' if peak is None or base is None else f'{peak - base:+.0f}'} | "
-        f"{'-' if peak is None or before is None else f'{peak - before:.0f}'} |")
+        f"{'-' if peak is None or base is None else f'{peak - base:+.0f}'} |")
   return "\n".join(lines)
 
 
@@ -155,6 +184,8 @@ def make_parser() -> argparse.ArgumentParser:
   parser.add_argument("--words", type=int, default=32, help="words per example")
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--iters", type=int, default=10, help="timed steps per setting")
+  parser.add_argument("--alignment_iters", type=int, default=200,
+                      help="timed calls of each setting's alignment loss alone")
   parser.add_argument("--total_steps", type=int, default=10_000, help="schedule length")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,

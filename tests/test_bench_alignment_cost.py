@@ -28,7 +28,8 @@ def test_bad_settings_name_the_flag_and_the_token(spec):
 
 def test_each_setting_runs_its_own_alignment():
   args = bench_alignment_cost.make_parser().parse_args(
-      ["--configs", "tiny", "--warmup", "0", "--iters", "2", "--no-memory"])
+      ["--configs", "tiny", "--warmup", "0", "--iters", "2", "--alignment_iters", "3",
+       "--no-memory"])
   settings = bench_alignment_cost.parse_settings("none,infonce,shapley:2")
   results = bench_alignment_cost.run(settings, args)
   rows = results["settings"]
@@ -41,6 +42,7 @@ def test_each_setting_runs_its_own_alignment():
   assert all(np.isfinite(aligned)) and aligned[0] != aligned[1]
   assert rows["none"]["time_ratio"] == 1
   assert all(len(row["all_s"]) == 2 and row["median_s"] > 0 for row in rows.values())
+  assert all(row["alignment_alone_min_s"] > 0 for row in rows.values())
   assert "| shapley:2 |" in bench_alignment_cost.table(results)
 
 
