@@ -155,12 +155,13 @@ def _jax_params(model, batch, folder):
   return params
 
 
-def _jax_runner(model, params, batch, args,
-                mesh=None) -> tuple[Callable, Callable, dict[str, Any]]:
+def _jax_runner(model, params, batch, args, mesh=None,
+                align=None) -> tuple[Callable, Callable, dict[str, Any]]:
   """A donated, jitted ``steps.train_step``; returns (step, sync, FLOP count info).
 
   With a ``mesh``, the step goes through ``shapca_jax.sharding`` as the training loop runs it:
   state on the mesh's (FSDP) shardings, the batch split by rows, explicit in/out shardings.
+  ``align`` replaces the default config's ``align`` settings.
   """
   import jax
   from shapca_jax import optim, sharding, steps
@@ -169,7 +170,7 @@ def _jax_runner(model, params, batch, args,
   tx = optim.make_optimizer(params, learning_rates=dict(config.learning_rate),
                             total_steps=args.total_steps, warmup_ratio=config.warmup_ratio,
                             weight_decay=config.weight_decay, grad_clip_norm=config.grad_clip_norm)
-  train_step = functools.partial(steps.train_step, align=config.align)
+  train_step = functools.partial(steps.train_step, align=config.align if align is None else align)
   rng = jax.random.key(args.seed)
   if mesh is None:
     state = jax.device_put(steps.create_train_state(model, params, tx))
@@ -246,6 +247,18 @@ def _reset_peak_rss() -> bool:
     return False
 
 
+def peak_rss_of_steps(step: Callable, sync: Callable, warmup: int) -> dict[str, float | None]:
+  """Resident set (MiB) before and at its peak over two steps taken after 1 + ``warmup`` ones
+  (compilation and warm-up left out); the peak is None where it cannot be reset."""
+  for _ in range(1 + warmup):
+    sync(step())
+  reset = _reset_peak_rss()
+  before = _rss_mib("VmRSS")
+  for _ in range(2):
+    sync(step())
+  return {"rss_before_steps_mib": before, "peak_rss_mib": _rss_mib("VmHWM") if reset else None}
+
+
 def _child(side: str, name: str, args) -> dict[str, Any]:
   """Peak memory of one side's training steps, alone in this process."""
   import torch  # both sides import the same libraries, so their baselines are equal
@@ -261,13 +274,7 @@ def _child(side: str, name: str, args) -> dict[str, Any]:
     step, sync = _torch_runner(_torch_model(text_config, vision_config), batch, args)
     if args.device == "gpu":
       torch.cuda.reset_peak_memory_stats()
-  for _ in range(1 + args.warmup):
-    sync(step())
-  reset = _reset_peak_rss()
-  for _ in range(2):
-    sync(step())
-  out = {"rss_after_imports_mib": base,
-         "peak_rss_mib": _rss_mib("VmHWM") if reset else None}
+  out = {"rss_after_imports_mib": base, **peak_rss_of_steps(step, sync, args.warmup)}
   if args.device == "gpu":
     if side == "jax":
       stats = jax.devices()[0].memory_stats() or {}

@@ -36,6 +36,7 @@ Resume rules:
 """
 
 import base64
+import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -365,8 +366,11 @@ def _best_score(meta: Mapping[str, Any]) -> float:
   return best["value"] if best["mode"] == "max" else -best["value"]
 
 
-def restore_best(workdir: Union[str, epath.Path], abstract_params: PyTree) -> PyTree:
-  """The params of the best evaluation in ``workdir``, on the shardings of ``abstract_params``.
+@contextlib.contextmanager
+def _best_checkpoints(workdir: Union[str, epath.Path]
+                      ) -> Iterator[tuple[epath.Path, ocp.CheckpointManager, dict[int, Any]]]:
+  """The best-checkpoint folder of ``workdir``, a reading manager and the metadata of each
+  readable kept step.
 
   Raises:
     FileNotFoundError: there is no best checkpoint.
@@ -378,16 +382,32 @@ def restore_best(workdir: Union[str, epath.Path], abstract_params: PyTree) -> Py
     if manager is None or not manager.all_steps():
       raise FileNotFoundError(f"no best checkpoint under {directory}")
     # One step is kept; two exist only if a run died between saving a new best and pruning.
-    metas = dict(_readable(directory, manager.all_steps(), lambda s: _read_meta(manager, s),
-                           BEST_DIR))
+    yield directory, manager, dict(_readable(
+        directory, manager.all_steps(), lambda s: _read_meta(manager, s), BEST_DIR))
+  finally:
+    if manager is not None:
+      manager.close()
+
+
+def restore_best(workdir: Union[str, epath.Path], abstract_params: PyTree) -> PyTree:
+  """The params of the best evaluation in ``workdir``, on the shardings of ``abstract_params``;
+  raises as ``_best_checkpoints`` does."""
+  with _best_checkpoints(workdir) as (directory, manager, metas):
     ranked = sorted(metas, key=lambda s: _best_score(metas[s]), reverse=True)
     args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(abstract_params)))
     for _, restored in _readable(directory, ranked, lambda s: manager.restore(s, args=args),
                                  BEST_DIR):
       return restored["params"]
-  finally:
-    if manager is not None:
-      manager.close()
+
+
+def best_metadata(workdir: Union[str, epath.Path]) -> dict[str, Any]:
+  """What is stored beside the best params in ``workdir``: ``step``, ``metrics`` (that
+  evaluation's scalars), ``best`` and the run's ``config`` (flat, as ``flatten_config``).
+
+  Readable while the run is still training, unlike its results.json.
+  """
+  with _best_checkpoints(workdir) as (_, _, metas):
+    return metas[max(metas, key=lambda s: _best_score(metas[s]))]
 
 
 class TrainCheckpointer:

@@ -107,6 +107,10 @@ def test_best_is_kept_apart_and_survives_reopening(tmp_path):
     ckpt.save_latest(50, params_at(50))
   assert _steps_on_disk(tmp_path, "best") == [20]
   np.testing.assert_array_equal(checkpoint.restore_best(tmp_path, params_at(0))["w"], [20.0] * 3)
+  meta = checkpoint.best_metadata(tmp_path)
+  assert (meta["step"], meta["metrics"]) == (20, {"f1": 0.55, "precision": 0.1})
+  assert meta["config"] == {"lr": 1e-3, "model.heads": 2, "model.fusion": "adaptive",
+                            "log_every": 10}
   # The latest checkpoint records the best so far; a reopened run keeps ranking against it.
   assert checkpoint.restore_latest(tmp_path, params_at(0)).metadata["best"]["step"] == 20
   with _open(tmp_path) as ckpt:
@@ -135,6 +139,11 @@ def test_readers_change_nothing_on_disk_and_warn_about_nothing(tmp_path, caplog)
     assert checkpoint.restore_latest(tmp_path, params).step == 2
   assert _tree_on_disk(tmp_path) == before
   assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+
+def test_no_best_checkpoint_is_an_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no best checkpoint"):
+    checkpoint.best_metadata(tmp_path)
 
 
 def test_best_in_min_mode(tmp_path):
