@@ -45,7 +45,7 @@ def write_finished_run(workdir: pathlib.Path, config, seed: int = 0):
   what an export must hold.
   """
   encoder = tokenization.Encoder(train.text_encoder_dir(config), export.data_task(config),
-                                 export.text_context(config))
+                                 train.input_layout(config))
   model, pretrained = train.build_model(config, encoder.tokenizer.vocab_size)
   shapes = export.param_shapes(model, encoder, export.buckets(config)[0])
   base = {**jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), **pretrained}
