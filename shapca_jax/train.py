@@ -571,7 +571,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       "data": data.reports(),
       "config": config.to_dict(),
   }
-  if config.align.kind != "none":
+  if config.align.kind != "none" and jax.process_index() == 0:  # the process writing the log
     results["alignment"] = alignment_summary(metrics_log, steps_per_epoch, total_steps)
   if isinstance(scorer, JmereScorer):
     results["gold_grid_ceiling"] = {split: scorer.ceiling(list(getattr(data, pipe).examples))
