@@ -172,6 +172,17 @@ def test_params_that_do_not_fit_the_architecture_are_listed(exported, tmp_path):
   assert "tagger/emissions/bias: stored ((3,), 'float32'), the model needs ((9,)" in str(err.value)
 
 
+def test_folders_exported_before_align_views_load(exported, tmp_path):
+  """Their model.json names the removed field text_context="joint", the same model."""
+  model_dir = shutil.copytree(exported[0], tmp_path / "model")
+  info = json.loads((model_dir / export.MODEL_FILE).read_text())
+  fields = info["architecture"]["fields"]
+  assert fields.pop("align_views") == "joint"
+  fields["text_context"] = "joint"
+  (model_dir / export.MODEL_FILE).write_text(json.dumps(info))
+  assert export.load_model(model_dir).model == export.load_model(exported[0]).model
+
+
 def test_architecture_round_trip():
   model = ShapCA(BertConfig(hidden_size=64, num_attention_heads=4),
                  ("O", "B-PER", "I-PER"), vision_config=VisionConfig.vit(image_size=(64, 32)),
