@@ -37,7 +37,6 @@ def default_config() -> ml_collections.ConfigDict:
   config.contexts = "blip2"                 # a context source name or a JSONL path
   config.missing_context = "error"          # or "empty": counted and reported
   config.use_context = True
-  config.text_context = "joint"             # [R] "joint" | "separate"
   config.max_length = 128                   # longest token bucket; longer inputs are truncated
   config.batch_size = 16                    # = k, the number of Shapley players
   config.eval_batch_size = 64
@@ -72,6 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.align.tau_c = 0.1                  # [R]
   config.align.lambda_ct = 0.1              # [R]
   config.align.lambda_ci = 0.1              # [R]
+  # [R] "joint": t and c pooled from the joint [CLS] text [SEP] context [SEP] pass the heads read;
+  # "separate": t from [CLS] text [SEP] and c from [CLS] context [SEP] (docs/alignment.md).
+  config.align.views = "joint"
 
   # Optimisation (METHOD §6).
   config.num_epochs = 3
@@ -109,6 +111,12 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
+def separate_views(config: Any) -> bool:
+  """Whether training needs the text-only and context-only passes of ``align.views``: only
+  when alignment is on (the task heads always read the joint pass)."""
+  return config.use_context and config.align.kind != "none" and config.align.views == "separate"
+
+
 def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
   flat = {}
   for key, value in config.items():
@@ -134,12 +142,12 @@ _CHOICES = {
     "dataset": tuple(DATASET_TASKS),
     "missing_context": ("error", "empty"),
     "missing_image": ("error", "blank"),
-    "text_context": ("joint", "separate"),
     "compute_dtype": ("float32", "bfloat16"),
     "fusion.mode": ("adaptive", "plain"),
     "align.kind": ("shapley", "infonce", "none"),
     "align.directions": ("all", "context_text", "context_image"),
     "align.utility": ("softmax_expectation", "mean_embedding", "logsumexp", "uniform_mean"),
+    "align.views": ("joint", "separate"),
 }
 
 _POSITIVE = ("max_length", "batch_size", "eval_batch_size", "proj_dim", "pair_dim",

@@ -117,11 +117,6 @@ def data_task(config: ml_collections.ConfigDict) -> str:
   return readers.TASKS[config.dataset]
 
 
-def text_context(config: ml_collections.ConfigDict) -> str:
-  """How the run laid out text and context (``none`` without contexts), as in training."""
-  return config.text_context if config.use_context else "none"
-
-
 def buckets(config: ml_collections.ConfigDict) -> tuple[tokenization.Bucket, ...]:
   """The length buckets of the run: every default bucket up to ``config.max_length``."""
   return tuple(b for b in tokenization.DEFAULT_BUCKETS if b.tokens <= config.max_length)
@@ -210,8 +205,10 @@ def export_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
   results = _read_json(results_path)
   config = run_config(results["config"])
   encoder_dir = train.text_encoder_dir(config)
-  encoder = tokenization.Encoder(encoder_dir, data_task(config), text_context(config))
+  encoder = tokenization.Encoder(encoder_dir, data_task(config), train.input_layout(config))
   model, pretrained = train.build_model(config, encoder.tokenizer.vocab_size)
+  # Inference reads the joint pass only; the separate alignment views are a training input.
+  model = model.clone(align_views="joint")
   del pretrained  # only the module is needed: the checkpoint holds the fine-tuned weights
   params = checkpoint.restore_best(workdir, param_shapes(model, encoder, buckets(config)[0]))
   flat = {k: np.asarray(v) for k, v in
@@ -311,7 +308,7 @@ class ExportedModel:
   def encoder(self) -> tokenization.Encoder:
     """The tokenizer and input layout of the training run."""
     return tokenization.Encoder(self.directory / TEXT_ENCODER_DIR, data_task(self.config),
-                                text_context(self.config))
+                                train.input_layout(self.config))
 
   def image_processor(self) -> images.ImageProcessor | None:
     """The image preprocessing of the run's image encoder, or None without the image branch."""
@@ -346,6 +343,9 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
     raise ExportError(f"{directory / MODEL_FILE}: format_version {version!r}; this version of "
                       f"shapca_jax reads {FORMAT_VERSION}")
   config = run_config(_read_json(directory / CONFIG_FILE))
+  fields = info["architecture"].get("fields", {})
+  if fields.get("text_context") == "joint":  # exported before align.views: the same model
+    del fields["text_context"]
   model = decode_architecture(info["architecture"], str(directory / MODEL_FILE))
   exported = ExportedModel(directory, model, {}, config, info)
   params_path = directory / PARAMS_FILE

@@ -25,6 +25,9 @@ import jax.numpy as jnp
 from shapca_jax import shapley
 
 KINDS = ("shapley", "infonce")
+DIRECTIONS = ("c2t", "t2c", "c2i", "i2c")
+# `alignment_diagnostics` gives f"{direction}_{metric}" for each active direction.
+DIAGNOSTICS = ("top1", "phi_margin", "shapley_infonce_grad_cos")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,10 +125,17 @@ def shapley_contrastive_loss(sim: jax.Array,
     players: player vectors [k, d] (utility "mean_embedding" only).
     same_group, valid: see `contrastive_loss`.
   """
-  phi = shapley.mc_shapley(sim, key, num_permutations=config.num_permutations,
-                           utility=config.utility, tau=config.tau_u,
-                           antithetic=config.antithetic, players=players, player_mask=valid)
-  return contrastive_loss(phi, config.tau_c, same_group, valid)
+  return contrastive_loss(shapley_values(sim, key, config, players, valid), config.tau_c,
+                          same_group, valid)
+
+
+def shapley_values(sim: jax.Array, key: jax.Array, config: AlignmentConfig,
+                   players: jax.Array | None = None, valid: jax.Array | None = None) -> jax.Array:
+  """The Monte Carlo Shapley values phi [k, k] of the games of `sim` (see
+  `shapley_contrastive_loss`)."""
+  return shapley.mc_shapley(sim, key, num_permutations=config.num_permutations,
+                            utility=config.utility, tau=config.tau_u,
+                            antithetic=config.antithetic, players=players, player_mask=valid)
 
 
 def alignment_loss(t: jax.Array,
@@ -149,21 +159,103 @@ def alignment_loss(t: jax.Array,
     (total, terms): the weighted total and each active direction's unweighted loss under
     "c2t", "t2c", "c2i", "i2c".
   """
+  names, players, anchors, weights = _directions(t, c, u, config)
+  if not names:
+    return jnp.zeros((), t.dtype), {}
+  sims = jax.vmap(shapley.cosine_similarity)(players, anchors)
+  if config.kind == "infonce":
+    losses = jax.vmap(lambda s: contrastive_loss(s, config.tau_c, same_group, valid))(sims)
+  else:
+    keys = jax.random.split(key, len(names))
+    losses = jax.vmap(lambda s, k, p: shapley_contrastive_loss(s, k, config, p, same_group, valid))(
+        sims, keys, players)
+  return jnp.sum(weights * losses), dict(zip(names, losses))
+
+
+def _directions(t, c, u, config: AlignmentConfig):
+  """(names, players [n, k, d], anchors [n, k, d], lambdas [n]) of the active directions."""
   directions = {}  # name -> (players, anchors, lambda)
   if config.lambda_ct > 0:
     directions.update(c2t=(c, t, config.lambda_ct), t2c=(t, c, config.lambda_ct))
   if config.lambda_ci > 0 and u is not None:
     directions.update(c2i=(c, u, config.lambda_ci), i2c=(u, c, config.lambda_ci))
   if not directions:
-    return jnp.zeros((), t.dtype), {}
+    return (), None, None, None
   players = jnp.stack([p for p, _, _ in directions.values()])
   anchors = jnp.stack([a for _, a, _ in directions.values()])
   weights = jnp.asarray([w for _, _, w in directions.values()], t.dtype)
+  return tuple(directions), players, anchors, weights
+
+
+def negative_pairs(k: int, same_group: jax.Array | None = None,
+                   valid: jax.Array | None = None) -> jax.Array:
+  """Boolean [k, k]: player i is a negative of anchor j (both valid, i != j, other groups)."""
+  negative = ~jnp.eye(k, dtype=bool)
+  if same_group is not None:
+    negative &= ~same_group_matrix(same_group)
+  if valid is not None:
+    negative &= valid[:, None] & valid[None, :]
+  return negative
+
+
+def _anchor_mean(values: jax.Array, valid: jax.Array | None) -> jax.Array:
+  weights = jnp.ones(values.shape, jnp.float32) if valid is None else valid.astype(jnp.float32)
+  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def top1_accuracy(scores: jax.Array, same_group: jax.Array | None = None,
+                  valid: jax.Array | None = None) -> jax.Array:
+  """Share of valid anchors j whose own player scores strictly above all its negatives."""
+  negative = negative_pairs(scores.shape[0], same_group, valid)
+  best_negative = jnp.max(jnp.where(negative, scores, -jnp.inf), axis=0)
+  return _anchor_mean((jnp.diagonal(scores) > best_negative).astype(jnp.float32), valid)
+
+
+def pair_margin(scores: jax.Array, same_group: jax.Array | None = None,
+                valid: jax.Array | None = None) -> jax.Array:
+  """Mean score of the true pairs (valid anchors) minus the mean score of the negative pairs."""
+  negative = negative_pairs(scores.shape[0], same_group, valid)
+  others = jnp.sum(jnp.where(negative, scores, 0.0)) / jnp.maximum(jnp.sum(negative), 1)
+  return _anchor_mean(jnp.diagonal(scores), valid) - others
+
+
+def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.sum(a * b) / jnp.maximum(jnp.linalg.norm(a) * jnp.linalg.norm(b), 1e-30)
+
+
+def alignment_diagnostics(t: jax.Array,
+                          c: jax.Array,
+                          u: jax.Array | None,
+                          key: jax.Array,
+                          config: AlignmentConfig = AlignmentConfig(),
+                          same_group: jax.Array | None = None,
+                          valid: jax.Array | None = None) -> dict[str, jax.Array]:
+  """How hard the in-batch games of `alignment_loss` are, per active direction d:
+
+    d_top1                      top-1 retrieval accuracy on the cosine similarities
+    d_phi_margin                `pair_margin` of the scores the loss ranks: the Monte Carlo
+                                Shapley values (with `key`, the loss's permutations) for
+                                kind="shapley", the similarities for kind="infonce"
+    d_shapley_infonce_grad_cos  cosine between the gradients w.r.t. the similarity matrix of
+                                the Shapley loss and of the InfoNCE loss (both at tau_c)
+
+  Arguments as for `alignment_loss`.
+  """
+  names, players, anchors, _ = _directions(t, c, u, config)
+  if not names:
+    return {}
   sims = jax.vmap(shapley.cosine_similarity)(players, anchors)
-  if config.kind == "infonce":
-    losses = jax.vmap(lambda s: contrastive_loss(s, config.tau_c, same_group, valid))(sims)
-  else:
-    keys = jax.random.split(key, len(directions))
-    losses = jax.vmap(lambda s, k, p: shapley_contrastive_loss(s, k, config, p, same_group, valid))(
-        sims, keys, players)
-  return jnp.sum(weights * losses), dict(zip(directions, losses))
+  keys = jax.random.split(key, len(names))
+
+  def one(sim, k, p):
+    shapley_loss = lambda s: shapley_contrastive_loss(s, k, config, p, same_group, valid)
+    infonce_loss = lambda s: contrastive_loss(s, config.tau_c, same_group, valid)
+    scores = shapley_values(sim, k, config, p, valid) if config.kind == "shapley" else sim
+    return {"top1": top1_accuracy(sim, same_group, valid),
+            "phi_margin": pair_margin(scores, same_group, valid),
+            "shapley_infonce_grad_cos": _cosine(jax.grad(shapley_loss)(sim),
+                                                jax.grad(infonce_loss)(sim))}
+
+  per_direction = jax.vmap(one)(sims, keys, players)
+  return {f"{name}_{metric}": values[i] for metric, values in per_direction.items()
+          for i, name in enumerate(names)}

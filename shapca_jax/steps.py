@@ -56,24 +56,61 @@ def alignment(out: dict[str, jax.Array], batch: Batch, key: jax.Array,
       same_group=batch["image_group"], valid=batch["valid"])
 
 
+def _objective(state: TrainState, params: Any, batch: Batch, dropout_rng: jax.Array,
+               shapley_rng: jax.Array, align: ml_collections.ConfigDict):
+  """(task loss, alignment loss, alignment terms, model outputs) of a training forward pass."""
+  valid = batch["valid"].astype(jnp.float32)
+  out = state.apply_fn({"params": params}, batch, deterministic=False,
+                       rngs={"dropout": dropout_rng})
+  units = jnp.sum(out["task_units"] * valid)
+  task = jnp.sum(out["task_loss"] * valid) / jnp.maximum(units, 1.0)
+  align_loss, terms = alignment(out, batch, shapley_rng, align)
+  return task, align_loss, terms, out
+
+
+def _norm(tree: Any) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(tree)))
+
+
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
                align: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step; its randomness is ``step_rngs(rng, state.step)``."""
   dropout_rng, shapley_rng = step_rngs(rng, state.step)
-  valid = batch["valid"].astype(jnp.float32)
 
   def loss_fn(params):
-    out = state.apply_fn({"params": params}, batch, deterministic=False,
-                         rngs={"dropout": dropout_rng})
-    units = jnp.sum(out["task_units"] * valid)
-    task = jnp.sum(out["task_loss"] * valid) / jnp.maximum(units, 1.0)
-    align_loss, terms = alignment(out, batch, shapley_rng, align)
+    task, align_loss, terms, _ = _objective(state, params, batch, dropout_rng, shapley_rng, align)
     return task + align_loss, {"task_loss": task, "align_loss": align_loss, **terms}
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads)
-  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-  return new_state, {"loss": loss, "grad_norm": grad_norm, **aux}
+  return new_state, {"loss": loss, "grad_norm": _norm(grads), **aux}
+
+
+def diagnostics_step(state: TrainState, batch: Batch, rng: jax.Array, *,
+                     align: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """Alignment diagnostics (docs/alignment.md) of the step ``train_step(state, batch, rng)``
+  takes: the same dropout and permutations, at the params before its update. Empty when
+  alignment is off.
+
+  Besides ``losses.alignment_diagnostics`` per direction: ``align_grad_share`` =
+  |grad_enc L_align| / (|grad_enc L_task| + |grad_enc L_align|), the norms taken over the text
+  encoder's params and L_align weighted by its lambdas.
+  """
+  if align.kind == "none":
+    return {}
+  dropout_rng, shapley_rng = step_rngs(rng, state.step)
+
+  def both_losses(params):
+    task, align_loss, _, out = _objective(state, params, batch, dropout_rng, shapley_rng, align)
+    return jnp.stack([task, align_loss]), out
+
+  _, pullback, out = jax.vjp(both_losses, state.params, has_aux=True)
+  task_norm, align_norm = (_norm(pullback(jnp.eye(2)[i])[0]["text_encoder"]) for i in (0, 1))
+  diagnostics = losses.alignment_diagnostics(
+      out["text_vec"], out["context_vec"], out.get("image_vec"), shapley_rng,
+      alignment_config(align), same_group=batch["image_group"], valid=batch["valid"])
+  share = align_norm / jnp.maximum(task_norm + align_norm, jnp.finfo(jnp.float32).tiny)
+  return {**diagnostics, "align_grad_share": share}
 
 
 def eval_step(state: TrainState, batch: Batch) -> jax.Array:

@@ -36,6 +36,7 @@ import tqdm
 
 from shapca_jax import checkpoint
 from shapca_jax import cpu_threefry
+from shapca_jax import losses
 from shapca_jax import metrics as metrics_lib
 from shapca_jax import optim
 from shapca_jax import runlog
@@ -43,7 +44,7 @@ from shapca_jax import sharding
 from shapca_jax import steps
 from shapca_jax import summary_writer
 from shapca_jax import wordpair
-from shapca_jax.config import validate_config
+from shapca_jax.config import separate_views, validate_config
 from shapca_jax.data import builders, images, labels, readers, tokenization
 from shapca_jax.data.pipeline import BatchPipeline
 from shapca_jax.data.readers import Example
@@ -113,6 +114,11 @@ def text_encoder_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
       tokenization.default_tokenizer_dir())
 
 
+def input_layout(config: ml_collections.ConfigDict) -> str:
+  """The layout (``tokenization.LAYOUTS``) of evaluation and inference inputs."""
+  return "joint" if config.use_context else "none"
+
+
 def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                mesh: Optional[jax.sharding.Mesh] = None) -> Data:
   """TFDS records (prepared once under ``workdir/tfds``) -> grain batch pipelines.
@@ -122,7 +128,6 @@ def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   devices.
   """
   context_source = config.contexts if config.use_context else None
-  text_context = config.text_context if config.use_context else "none"
   build_dir = workdir / "tfds"
   prepare = functools.partial(builders.prepare, config.dataset, config.data_dir, build_dir,
                               context_source, missing_context=config.missing_context)
@@ -135,7 +140,11 @@ def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     if jax.process_index() != 0:
       prepare()
   encoder = tokenization.Encoder(text_encoder_dir(config), readers.TASKS[config.dataset],
-                                 text_context)
+                                 input_layout(config))
+  # Only training aligns: evaluation batches never carry the separate views.
+  train_encoder = tokenization.Encoder(
+      text_encoder_dir(config), readers.TASKS[config.dataset],
+      "views") if separate_views(config) else encoder
   loader = None
   if config.use_image:
     loader = _ImageLoader(images.ImageProcessor.from_checkpoint(
@@ -153,7 +162,7 @@ def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     examples = builders.load_split(config.dataset, split, build_dir, context_source,
                                    missing_context=config.missing_context)
     return BatchPipeline(
-        examples, encoder, buckets=buckets, seed=config.seed,
+        examples, train_encoder if train else encoder, buckets=buckets, seed=config.seed,
         batch_size=(config.batch_size if train else config.eval_batch_size) // shard_count,
         shuffle=train, drop_remainder=train, num_epochs=config.num_epochs if train else 1,
         image_loader=loader, image_dir=config.image_dir or None, shard_index=shard_index,
@@ -192,7 +201,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
   model = ShapCA(text_config, TASK_LABELS[config.task], task=config.task,
                  num_entity_types=len(labels.ENTITY_TYPES), pair_dim=config.pair_dim,
                  vision_config=vision_config,
-                 use_context=config.use_context, text_context=config.text_context,
+                 use_context=config.use_context,
+                 align_views="separate" if separate_views(config) else "joint",
                  proj_dim=config.proj_dim, dropout_rate=config.dropout_rate,
                  fusion_mode=config.fusion.mode, fusion_heads=config.fusion.num_heads,
                  constrained_training=config.crf.constrained_training, dtype=dtype)
@@ -514,6 +524,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         jitted_step, state, _padding_batches(data.train, range(first_step, total_steps), mesh),
         train_rng)
     eval_fn = mesh_eval_fn(mesh, shardings, state, (data.valid, data.test))
+    diagnostics_fn = None
+    if config.align.kind != "none":
+      diagnostics_fn = compile_per_bucket(
+          jax.jit(functools.partial(steps.diagnostics_step, align=config.align),
+                  in_shardings=(shardings, sharding.batch_sharding(mesh),
+                                sharding.replicated(mesh)),
+                  out_shardings=sharding.replicated(mesh)),
+          state, _padding_batches(data.train, range(first_step, total_steps), mesh), train_rng)
     compile_seconds = time.perf_counter() - compile_began
 
     pending: list[tuple[int, dict]] = []
@@ -524,11 +542,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     timer.start()
     for step in range(first_step + 1, last_step + 1):
       ckpt.check_writes()
-      state, step_metrics = step_fn(state, sharding.global_batch(next(iterator), mesh), train_rng)
-      pending.append((step, step_metrics))
-      timer.steps += 1
+      batch = sharding.global_batch(next(iterator), mesh)
       is_eval = step in evaluated
-      if step % config.log_every_steps == 0 or is_eval or ckpt.should_save(step):
+      is_log = step % config.log_every_steps == 0 or is_eval
+      diagnostics = {}
+      if diagnostics_fn is not None and is_log:  # before the step: the params it differentiates
+        with timer.excluding("diagnostics"):
+          diagnostics = jax.block_until_ready(diagnostics_fn(state, batch, train_rng))
+      state, step_metrics = step_fn(state, batch, train_rng)
+      pending.append((step, {**step_metrics, **diagnostics}))
+      timer.steps += 1
+      if is_log or ckpt.should_save(step):
         logged = _host_metrics(pending)
         pending = []
         _check_finite(logged, last_saved)
@@ -597,6 +621,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       "data": data.reports(),
       "config": config.to_dict(),
   }
+  if config.align.kind != "none" and jax.process_index() == 0:  # the process writing the log
+    results["alignment"] = alignment_summary(metrics_log, steps_per_epoch, last_step, evaluated)
   if isinstance(scorer, JmereScorer):
     results["gold_grid_ceiling"] = {split: scorer.ceiling(list(getattr(data, pipe).examples))
                                     for split, pipe in (("dev", "valid"), ("test", "test"))}
@@ -642,6 +668,28 @@ def write_test_predictions(path: pathlib.Path, task: str, scorer: Scorer,
                 **{k: counts[k] for k in ("num_correct", "num_pred", "num_gold")}}
       f.write(json.dumps(record) + "\n")
   temporary.replace(path)
+
+
+def alignment_summary(metrics_log: pathlib.Path, steps_per_epoch: int, last_step: int,
+                      evaluated: Sequence[int]) -> dict[str, Any]:
+  """The alignment diagnostics of the metrics log (a resumed run's replayed steps overwrite
+  the killed ones): at the last step, their mean over the log steps of the last epoch, and at
+  every evaluation step."""
+  logged = {}
+  for line in metrics_log.read_text().splitlines():
+    record = json.loads(line)
+    if "align_grad_share" in record:
+      logged[record["step"]] = {k: v for k, v in record.items() if k == "align_grad_share" or (
+          k.partition("_")[0] in losses.DIRECTIONS and k.partition("_")[2] in losses.DIAGNOSTICS)}
+  last_epoch = [d for step, d in logged.items() if last_step - steps_per_epoch < step <= last_step]
+  return {
+      "last_step": logged.get(last_step),
+      "last_epoch_mean": {k: float(np.mean([d[k] for d in last_epoch])) for k in last_epoch[0]}
+                         if last_epoch else None,
+      "last_epoch_log_steps": len(last_epoch),
+      "at_evaluations": {str(step): d for step, d in sorted(logged.items())
+                         if step % steps_per_epoch == 0 or step == total_steps},
+  }
 
 
 def _summary(scores: Scores) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from shapca_jax.config import ConfigError, default_config, validate_config
+from shapca_jax.config import ConfigError, default_config, separate_views, validate_config
 
 
 def _valid():
@@ -22,6 +22,7 @@ def test_defaults_with_a_data_dir_are_valid():
     ("align.kind", "cosine", "align.kind"),
     ("warmup_ratio", 1.0, "warmup_ratio"),
     ("fusion.mode", "gated", "fusion.mode"),
+    ("align.views", "text_only", r"config.align.views='text_only' is not one of"),
     ("align.directions", "context_image", "use_image"),
     ("use_image", True, "image_encoder"),
     ("data_dir", "", "data_dir"),
@@ -51,6 +52,15 @@ def test_switches_must_be_booleans(key):
   (config[section] if section else config)[leaf] = "false"
   with pytest.raises(ConfigError, match=rf"config.{key}='false' must be True or False"):
     validate_config(config)
+
+
+def test_separate_views_only_when_aligning_with_contexts():
+  config = _valid()
+  assert not separate_views(config)  # the default is joint
+  config.align.views = "separate"
+  assert separate_views(config)
+  config.align.kind = "none"
+  assert not separate_views(config)
 
 
 def test_unknown_key_is_named():

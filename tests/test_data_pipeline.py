@@ -100,7 +100,7 @@ def _naive_grid(sample, width):
 def test_jmere_batches_carry_the_raw_grid(minilm_dir, shared_data_dir):
   raw = json.loads((shared_data_dir / "jmere" / "val.json").read_text())[:40]
   examples = readers.read_split("jmere", "valid", shared_data_dir)[:40]
-  encoder = Encoder(minilm_dir, "jmere", text_context="none")
+  encoder = Encoder(minilm_dir, "jmere", layout="none")
   pipeline = BatchPipeline(examples, encoder, batch_size=8)
   assert pipeline.report.grid_conflicts == 5  # val item 21 has nested spans
   seen = 0
@@ -246,7 +246,7 @@ def test_a_shard_of_only_padding_rows_still_gets_a_batch(mner_encoder, twitter_v
 
 def test_image_groups_follow_image_ids(minilm_dir, shared_data_dir):
   examples = readers.read_split("mnre", "test", shared_data_dir)[:64]
-  encoder = Encoder(minilm_dir, "mre", text_context="none")
+  encoder = Encoder(minilm_dir, "mre", layout="none")
   for batch in BatchPipeline(examples, encoder, batch_size=16, shuffle=True, seed=0):
     ids = [examples[i].image_id if i >= 0 else f"pad{k}"
            for k, i in enumerate(batch["example_index"])]
@@ -262,7 +262,7 @@ def test_pixel_values_from_an_image_loader(minilm_dir, shared_data_dir):
               if e.image_id in present]
   assert len(examples) >= 2
   load = lambda path: np.asarray(Image.open(path).convert("RGB").resize((8, 6)), np.float32) / 255
-  encoder = Encoder(minilm_dir, "mre", text_context="none")
+  encoder = Encoder(minilm_dir, "mre", layout="none")
   pipeline = BatchPipeline(examples, encoder, batch_size=4, image_loader=load, image_dir=image_dir)
   for index, batch, r in _rows(pipeline):
     np.testing.assert_array_equal(batch["pixel_values"][r],

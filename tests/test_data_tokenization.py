@@ -121,7 +121,7 @@ def test_joint_input_matches_transformers_pair_encoding(minilm_dir, hf_tokenizer
 
 
 def test_words_without_pieces_become_unk(minilm_dir):
-  encoder = Encoder(minilm_dir, "mner", text_context="none")
+  encoder = Encoder(minilm_dir, "mner", layout="none")
   example = Example("x.jpg", ("Hi", "\ufe0f", "there"), "mem:1", tags=("O", "B-PER", "O"))
   row = encoder.row(example, encoder.pieces([example])[0], Bucket(8, 4))
   unk, cls, sep = (encoder.tokenizer.tokenizer.token_to_id(t) for t in ("[UNK]", "[CLS]", "[SEP]"))
@@ -141,17 +141,32 @@ def test_text_too_long_is_cut_at_a_word_and_the_context_dropped_first(minilm_dir
   assert encoder.fit(pieces, Bucket(10, 2)) == (2, 5, 2)  # word slots cut the text too
   row = encoder.row(example, pieces, Bucket(6, 8))
   assert row["num_words"] == 3 and row["text_mask"].sum() == 3 and row["context_mask"].sum() == 0
+  views = Encoder(minilm_dir, "mner", layout="views")
+  for bucket in (Bucket(9, 8), Bucket(6, 8)):  # the views hold what the joint row kept
+    row = views.row(example, pieces, bucket)
+    for view, mask in enumerate(("text_mask", "context_mask")):
+      np.testing.assert_array_equal(row["views_input_ids"][view][row["views_mask"][view]],
+                                    row["input_ids"][row[mask]])
 
 
-def test_separate_and_none_layouts(minilm_dir, hf_tokenizer):
+def test_views_and_none_layouts(minilm_dir, hf_tokenizer):
   example = Example("x.jpg", ("Ann", "sings"), "mem:1", tags=("B-PER", "O"), context="a singer")
-  separate = Encoder(minilm_dir, "mner", text_context="separate")
-  row = separate.row(example, separate.pieces([example])[0], Bucket(16, 4))
-  expected = hf_tokenizer("a singer", padding="max_length", max_length=16)
-  np.testing.assert_array_equal(row["context_input_ids"], expected["input_ids"])
-  np.testing.assert_array_equal(row["context_attention_mask"], expected["attention_mask"])
-  assert row["context_mask"].sum() == 2  # the joint input keeps its context
-  alone = Encoder(minilm_dir, "mner", text_context="none")
+  views = Encoder(minilm_dir, "mner", layout="views")
+  row = views.row(example, views.pieces([example])[0], Bucket(16, 4))
+  for view, text in enumerate((["Ann", "sings"], ["a", "singer"])):
+    expected = hf_tokenizer(text, is_split_into_words=True, padding="max_length", max_length=16)
+    np.testing.assert_array_equal(row["views_input_ids"][view], expected["input_ids"])
+    np.testing.assert_array_equal(row["views_attention_mask"][view], expected["attention_mask"])
+    pieces = sum(expected["attention_mask"]) - 2
+    assert row["views_mask"][view].tolist() == [0] + [1] * pieces + [0] * (15 - pieces)
+  joint = Encoder(minilm_dir, "mner").row(example, views.pieces([example])[0], Bucket(16, 4))
+  assert set(row) - set(joint) == {"views_input_ids", "views_attention_mask", "views_mask"}
+  for name, value in joint.items():  # the joint input is the same in both layouts
+    np.testing.assert_array_equal(row[name], value)
+  assert row["context_mask"].sum() == 2
+  assert {k: v[0] for k, v in views.fields(Bucket(16, 4)).items() if k in row} == {
+      k: np.shape(v) for k, v in row.items()}
+  alone = Encoder(minilm_dir, "mner", layout="none")
   row = alone.row(example, alone.pieces([example])[0], Bucket(16, 4))
   expected = hf_tokenizer(["Ann", "sings"], is_split_into_words=True, padding="max_length",
                           max_length=16)
@@ -163,7 +178,7 @@ def test_mre_markers_match_transformers_with_added_tokens(minilm_dir, hf_tokeniz
                                                           shared_data_dir):
   hf = hf_tokenizer.__class__.from_pretrained(str(minilm_dir))
   hf.add_special_tokens({"additional_special_tokens": list(tokenization.MARKERS)})
-  encoder = Encoder(minilm_dir, "mre", text_context="none")
+  encoder = Encoder(minilm_dir, "mre", layout="none")
   assert encoder.tokenizer.vocab_size == len(hf)
   examples = [e for e in readers.read_split("mnre", "test", shared_data_dir)[:200]
               if e.head.end <= e.tail.start or e.tail.end <= e.head.start]
@@ -200,8 +215,8 @@ def test_tokenizer_folder_errors(tmp_path, minilm_dir):
   (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n<s>\n")
   with pytest.raises(ValueError, match=r"already has the MRE markers \['<s>'\]"):
     Encoder(tmp_path, "mre")
-  with pytest.raises(ValueError, match="text_context='both'"):
-    Encoder(minilm_dir, "mner", text_context="both")
+  with pytest.raises(ValueError, match="layout='both'"):
+    Encoder(minilm_dir, "mner", layout="both")
 
 
 def test_a_word_cut_mid_piece_is_dropped_whole(minilm_dir):

@@ -45,7 +45,7 @@ def write_finished_run(workdir: pathlib.Path, config, seed: int = 0):
   what an export must hold.
   """
   encoder = tokenization.Encoder(train.text_encoder_dir(config), export.data_task(config),
-                                 export.text_context(config))
+                                 train.input_layout(config))
   model, pretrained = train.build_model(config, encoder.tokenizer.vocab_size)
   shapes = export.param_shapes(model, encoder, export.buckets(config)[0])
   base = {**jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), **pretrained}
@@ -170,6 +170,17 @@ def test_params_that_do_not_fit_the_architecture_are_listed(exported, tmp_path):
     export.load_model(model_dir)
   assert "missing crf/transitions" in str(err.value)
   assert "tagger/emissions/bias: stored ((3,), 'float32'), the model needs ((9,)" in str(err.value)
+
+
+def test_folders_exported_before_align_views_load(exported, tmp_path):
+  """Their model.json names the removed field text_context="joint", the same model."""
+  model_dir = shutil.copytree(exported[0], tmp_path / "model")
+  info = json.loads((model_dir / export.MODEL_FILE).read_text())
+  fields = info["architecture"]["fields"]
+  assert fields.pop("align_views") == "joint"
+  fields["text_context"] = "joint"
+  (model_dir / export.MODEL_FILE).write_text(json.dumps(info))
+  assert export.load_model(model_dir).model == export.load_model(exported[0]).model
 
 
 def test_architecture_round_trip():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from shapca_jax import losses
+from shapca_jax import losses, shapley
 
 TAU_U = TAU_C = 0.1
 
@@ -171,3 +171,84 @@ def test_config_errors_name_the_key():
   assert losses.AlignmentConfig.from_mapping({"tau_u": 0.2}).tau_u == 0.2
   with pytest.raises(ValueError, match="square"):
     losses.contrastive_loss(jnp.zeros((3, 4)), 0.1)
+
+
+def _np_infonce(scores, tau, groups, valid):
+  """Mean over valid anchors j of -log softmax over j's own player and its negatives."""
+  k = len(scores)
+  total = 0.0
+  for j in np.flatnonzero(valid):
+    candidates = [i for i in range(k) if i == j or (valid[i] and groups[i] != groups[j])]
+    logits = scores[candidates, j] / tau
+    total += np.log(np.sum(np.exp(logits - logits.max()))) + logits.max() - scores[j, j] / tau
+  return total / np.sum(valid)
+
+
+def _np_mc_shapley(sim, orders, valid):
+  """Mean marginal gain along `orders` of the softmax_expectation games; invalid players add
+  nothing to a coalition."""
+  k = len(sim)
+  phi = np.zeros_like(sim)
+  w = np.exp(sim / TAU_U) * valid[:, None]
+  for order in orders:
+    num, den, before = np.zeros(k), np.zeros(k), np.zeros(k)
+    for i in order:
+      num, den = num + w[i] * sim[i], den + w[i]
+      after = np.divide(num, den, out=np.zeros(k), where=den > 0)
+      phi[i] += after - before
+      before = after
+  return phi / len(orders)
+
+
+def _np_negatives(groups, valid):
+  k = len(groups)
+  return ((groups[:, None] != groups[None, :]) & valid[:, None] & valid[None, :]
+          & ~np.eye(k, dtype=bool))
+
+
+def _np_gradient(f, x, eps=1e-6):
+  grad = np.zeros_like(x)
+  for index in np.ndindex(*x.shape):
+    step = np.zeros_like(x)
+    step[index] = eps
+    grad[index] = (f(x + step) - f(x - step)) / (2 * eps)
+  return grad
+
+
+@pytest.mark.parametrize("kind", ["shapley", "infonce"])
+def test_alignment_diagnostics_match_numpy(kind):
+  """Every diagnostic of each direction against a NumPy recomputation: the Shapley values from
+  the permutations the loss draws, the gradients by central differences in float64."""
+  rng = np.random.default_rng(7)
+  k, num = 6, 3
+  t, c, u = (_unit_rows(rng, k, 8) for _ in range(3))
+  t[1] = (0.9 * c[1] + 0.1 * t[1]) / np.linalg.norm(0.9 * c[1] + 0.1 * t[1])  # a sure c-t hit
+  groups = np.array([0, 1, 1, 2, 3, 4])
+  valid = np.array([True, True, True, True, True, False])
+  config = losses.AlignmentConfig(kind=kind, num_permutations=num, lambda_ci=0.5)
+  key = jax.random.key(3)
+  got = losses.alignment_diagnostics(*(jnp.asarray(x, jnp.float32) for x in (t, c, u)), key,
+                                     config, jnp.asarray(groups), jnp.asarray(valid))
+  pairs = {"c2t": (c, t), "t2c": (t, c), "c2i": (c, u), "i2c": (u, c)}
+  assert set(got) == {f"{d}_{m}" for d in pairs for m in losses.DIAGNOSTICS}
+  negatives = _np_negatives(groups, valid)
+  for (name, (players, anchors)), direction_key in zip(
+      pairs.items(), jax.random.split(key, len(pairs))):
+    sim = players @ anchors.T
+    perms = np.asarray(shapley.sample_permutations(direction_key, num, k))
+    orders = np.concatenate([perms, perms[:, ::-1]])
+    shapley_values = lambda s, orders=orders: _np_mc_shapley(s, orders, valid)
+    scores = shapley_values(sim) if kind == "shapley" else sim
+    hits = [sim[j, j] > sim[negatives[:, j], j].max() for j in np.flatnonzero(valid)]
+    margin = np.mean(np.diagonal(scores)[valid]) - np.mean(scores[negatives])
+    shapley_grad = _np_gradient(lambda s: _np_infonce(shapley_values(s), TAU_C, groups, valid),
+                                sim)
+    infonce_grad = _np_gradient(lambda s: _np_infonce(s, TAU_C, groups, valid), sim)
+    cosine = np.sum(shapley_grad * infonce_grad) / (
+        np.linalg.norm(shapley_grad) * np.linalg.norm(infonce_grad))
+    np.testing.assert_allclose(got[f"{name}_top1"], np.mean(hits), err_msg=name)
+    np.testing.assert_allclose(got[f"{name}_phi_margin"], margin, rtol=1e-4, atol=1e-6,
+                               err_msg=name)
+    np.testing.assert_allclose(got[f"{name}_shapley_infonce_grad_cos"], cosine, rtol=1e-4,
+                               err_msg=name)
+  assert 0 < got["c2t_top1"] < 1

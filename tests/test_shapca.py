@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from shapca_jax import losses
 from shapca_jax.data import labels, tokenization
 from shapca_jax.data.labels import Quintuple, Span
 from shapca_jax.models.bert import BertConfig
@@ -158,3 +159,83 @@ def test_unknown_task_is_refused():
   model = ShapCA(CONFIG, labels.MNER_LABELS, task="ner")
   with pytest.raises(ValueError, match="task='ner'"):
     model.init(jax.random.key(0), _batch())
+
+
+# What the model computed on `_batch()` before align.views existed (commit 3d98b1a, the same
+# init key): each task's per-example task loss, and the c<->t alignment losses (lambda_ct = 1)
+# of its vectors, InfoNCE and Shapley with permutation key 1.
+BEFORE_VIEWS = {
+    "mner": [15.208608627319336, 8.842609405517578, 4.26792049407959],
+    "mre": [3.1625473499298096, 4.841740131378174, 3.5523624420166016],
+    "mjere": [73.76859283447266, 33.74551773071289, 10.423948287963867],
+}
+BEFORE_VIEWS_ALIGN = {"infonce": 4.002583026885986, "shapley": 3.996443271636963}
+
+
+def test_joint_views_reproduce_the_model_before_the_switch(run):
+  task, _, _, out, _, _ = run
+  np.testing.assert_allclose(out["task_loss"], BEFORE_VIEWS[task], rtol=1e-5)
+  for kind, expected in BEFORE_VIEWS_ALIGN.items():
+    total, _ = losses.alignment_loss(out["text_vec"], out["context_vec"], None,
+                                     jax.random.key(1),
+                                     losses.AlignmentConfig(kind=kind, lambda_ct=1.0))
+    np.testing.assert_allclose(total, expected, rtol=1e-5, err_msg=kind)
+
+
+def _views_batch():
+  """`_batch()` plus the text-only and context-only rows of the separate views, made of the
+  same pieces as each joint row (texts 8, 6, 3 pieces; contexts 5, 3, 1)."""
+  batch = _batch()
+  texts, contexts = (8, 6, 3), (5, 3, 1)
+  positions = np.arange(L)
+  ids = np.zeros((B, 2, L), np.int32)
+  attention = np.zeros((B, 2, L), np.int32)
+  pooled = np.zeros((B, 2, L), bool)
+  for b, lengths in enumerate(zip(texts, contexts)):
+    joint = batch["input_ids"][b]
+    batch["attention_mask"][b] = positions < lengths[0] + lengths[1] + 3
+    batch["text_mask"][b] = (positions >= 1) & (positions < 1 + lengths[0])
+    start = lengths[0] + 2
+    batch["context_mask"][b] = (positions >= start) & (positions < start + lengths[1])
+    batch["token_type_ids"][b] = (positions >= start - 1) & batch["attention_mask"][b]
+    for view, pieces in enumerate((joint[1:1 + lengths[0]], joint[start:start + lengths[1]])):
+      ids[b, view, :len(pieces) + 2] = [2, *pieces, 3]
+      attention[b, view] = positions < len(pieces) + 2
+      pooled[b, view] = (positions >= 1) & (positions < 1 + len(pieces))
+  batch |= {"views_input_ids": ids, "views_attention_mask": attention, "views_mask": pooled}
+  return batch
+
+
+def _with_new_pieces(batch, row, view):
+  """`batch` with row `row`'s text (view 0) or context (view 1) pieces replaced, in the
+  joint input and in its view."""
+  batch = {k: v.copy() for k, v in batch.items()}
+  mask = batch["text_mask" if view == 0 else "context_mask"][row]
+  batch["input_ids"][row, mask] = (batch["input_ids"][row, mask] + 7) % 35 + 5
+  batch["views_input_ids"][row, view, batch["views_mask"][row, view]] = (
+      batch["input_ids"][row, mask])
+  return batch
+
+
+def test_separate_views_keep_text_and_context_vectors_apart():
+  """With separate views a context never reaches a text vector nor a text a context vector,
+  bit for bit, in its own row or any other; with joint views it does (the shortcut)."""
+  batch = _views_batch()
+  vectors = {}
+  for views in ("joint", "separate"):
+    model = ShapCA(CONFIG, labels.MNER_LABELS, proj_dim=8, dropout_rate=0.0, align_views=views)
+    params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
+    apply = jax.jit(lambda b, model=model, params=params: model.apply({"params": params}, b))
+    vectors[views] = [jax.tree.map(np.asarray, apply(b)) for b in (
+        batch, _with_new_pieces(batch, 0, view=1), _with_new_pieces(batch, 1, view=0))]
+  base, new_context, new_text = vectors["separate"]
+  np.testing.assert_array_equal(new_context["text_vec"], base["text_vec"])
+  np.testing.assert_array_equal(new_context["context_vec"][1:], base["context_vec"][1:])
+  assert not np.allclose(new_context["context_vec"][0], base["context_vec"][0])
+  np.testing.assert_array_equal(new_text["context_vec"], base["context_vec"])
+  np.testing.assert_array_equal(new_text["text_vec"][[0, 2]], base["text_vec"][[0, 2]])
+  assert not np.allclose(new_text["text_vec"][1], base["text_vec"][1])
+  # The task path reads the joint pass in both: same emissions for the same joint input.
+  np.testing.assert_array_equal(base["emissions"], vectors["joint"][0]["emissions"])
+  joint, joint_new_context, _ = vectors["joint"]
+  assert not np.allclose(joint_new_context["text_vec"][0], joint["text_vec"][0])

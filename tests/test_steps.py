@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from shapca_jax import steps
+from shapca_jax import losses, steps
 from shapca_jax import train
 import train_fixtures
 
@@ -53,3 +53,44 @@ def test_step_randomness_depends_on_seed_and_step_only(setup):
   dropout_1, _ = steps.step_rngs(rng, 1)
   assert not np.array_equal(jax.random.key_data(dropout_0), jax.random.key_data(dropout_1))
   assert not np.array_equal(jax.random.key_data(dropout_0), jax.random.key_data(shapley_0))
+
+
+def test_diagnostics_step_grad_share_from_two_independent_gradients(setup):
+  """align_grad_share against the text encoder gradients of each loss taken on its own, with
+  the dropout and permutation keys of the train step at that state."""
+  config, data, state = setup
+  batch = data.train.batch(0)
+  rng = jax.random.key(5)
+  got = jax.jit(lambda s, b, r: steps.diagnostics_step(s, b, r, align=config.align))(
+      state, batch, rng)
+  dropout_rng, shapley_rng = steps.step_rngs(rng, state.step)
+  valid = np.asarray(batch["valid"], np.float32)
+
+  def outputs(params):
+    return state.apply_fn({"params": params}, batch, deterministic=False,
+                          rngs={"dropout": dropout_rng})
+
+  def task_loss(params):
+    out = outputs(params)
+    return (out["task_loss"] * valid).sum() / (out["task_units"] * valid).sum()
+
+  def align_loss(params):
+    out = outputs(params)
+    return losses.alignment_loss(out["text_vec"], out["context_vec"], None, shapley_rng,
+                                 steps.alignment_config(config.align), batch["image_group"],
+                                 batch["valid"])[0]
+
+  def encoder_norm(loss):
+    grads = jax.grad(loss)(state.params)["text_encoder"]
+    return np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64)))
+                       for g in jax.tree.leaves(grads)))
+
+  task_norm, align_norm = encoder_norm(task_loss), encoder_norm(align_loss)
+  assert 0 < align_norm < task_norm
+  np.testing.assert_allclose(got["align_grad_share"], align_norm / (task_norm + align_norm),
+                             rtol=1e-4)
+  assert set(got) == {"align_grad_share"} | {f"{d}_{m}" for d in ("c2t", "t2c")
+                                             for m in losses.DIAGNOSTICS}
+  off = config.align.copy_and_resolve_references()
+  off.kind = "none"
+  assert steps.diagnostics_step(state, batch, rng, align=off) == {}

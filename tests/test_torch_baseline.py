@@ -62,7 +62,7 @@ def batches(bert, embedded_data_dir):
   examples = readers.read_split("twitter2017", "train", embedded_data_dir)[:7]
   examples, _ = contexts.attach_contexts(examples, "twitter2017", "train", embedded_data_dir,
                                          "blip2")
-  encoder = tokenization.Encoder(bert[0], "mner", "joint")
+  encoder = tokenization.Encoder(bert[0], "mner", "views")
   pipeline = BatchPipeline(examples, encoder, batch_size=4,
                            buckets=(tokenization.Bucket(64, 32),))
   out = [pipeline.batch(0), pipeline.batch(1)]
@@ -115,18 +115,24 @@ def _flax_leaf(tree, path):
   return np.asarray(tree)
 
 
-def _models(bert, use_image):
+def _models(bert, use_image, align_views="joint"):
   _, text_params, text_config = bert
   vision_config = TINY_CLIP if use_image else None
-  kwargs = dict(vision_config=vision_config, proj_dim=16, dropout_rate=0.0, fusion_heads=2)
+  kwargs = dict(vision_config=vision_config, proj_dim=16, dropout_rate=0.0, fusion_heads=2,
+                align_views=align_views)
   model = ShapCA(text_config, labels.MNER_LABELS, **kwargs)
   torch_model = torch_shapca.ShapCATorch(text_config, labels.MNER_LABELS, **kwargs)
   return model, torch_model, text_params, text_config, vision_config
 
 
-@pytest.mark.parametrize("use_image", [False, True], ids=["text_only", "with_image"])
-def test_train_steps_match_jax(bert, batches, use_image):
-  model, torch_model, text_params, text_config, vision_config = _models(bert, use_image)
+@pytest.mark.parametrize("use_image, align_views", [(False, "joint"), (True, "joint"),
+                                                    (False, "separate")],
+                         ids=["text_only", "with_image", "separate_views"])
+def test_train_steps_match_jax(bert, batches, use_image, align_views):
+  """The separate views: the twin encodes text-only and context-only rows in two calls, ours
+  in one call of both."""
+  model, torch_model, text_params, text_config, vision_config = _models(bert, use_image,
+                                                                        align_views)
   feed = [dict(b) if use_image else {k: v for k, v in b.items() if k != "pixel_values"}
           for b in batches]
   params = _random_params(model, feed[0], text_params)

@@ -95,7 +95,7 @@ def test_run_trains_evaluates_and_writes_results(uninterrupted):
   assert all(np.isfinite(v) for v in losses.values())
   assert (workdir / "checkpoints" / "best").is_dir()
   # Two evaluations and checkpoint writes happened outside the timed steps.
-  assert set(results["seconds_outside_steps"]) == {"checkpoint", "evaluation"}
+  assert set(results["seconds_outside_steps"]) == {"checkpoint", "evaluation", "diagnostics"}
   assert all(t > 0 for t in results["seconds_outside_steps"].values())
   assert results["compile_seconds"] > 0
   # TensorBoard reads every number of the metrics log (float32 in the event file).
@@ -104,6 +104,36 @@ def test_run_trains_evaluates_and_writes_results(uninterrupted):
           "learning_rate/new", "learning_rate/crf", "epoch", "dev/f1"} <= set(expected)
   assert sorted(expected["dev/f1"]) == [5, 10]
   _assert_same_curves(_tensorboard_scalars(workdir), expected)
+
+
+def _diagnostics(workdir: pathlib.Path) -> dict[int, dict]:
+  """The alignment diagnostics per step of the metrics log."""
+  out = {}
+  for line in (workdir / train.METRICS_LOG).read_text().splitlines():
+    record = json.loads(line)
+    if "align_grad_share" in record:
+      out[record["step"]] = {k: v for k, v in record.items() if k.endswith(
+          ("_top1", "_phi_margin", "_shapley_infonce_grad_cos", "align_grad_share"))}
+  return out
+
+
+def test_alignment_diagnostics_at_log_and_evaluation_steps_only(uninterrupted):
+  _, workdir, results = uninterrupted
+  logged = _diagnostics(workdir)
+  # log_every_steps=2 and an evaluation after each epoch of 5 steps.
+  assert sorted(logged) == [2, 4, 5, 6, 8, 10]
+  assert set(logged[2]) == {"align_grad_share", "c2t_top1", "t2c_top1", "c2t_phi_margin",
+                            "t2c_phi_margin", "c2t_shapley_infonce_grad_cos",
+                            "t2c_shapley_infonce_grad_cos"}
+  for values in logged.values():
+    assert 0 < values["align_grad_share"] < 1
+    assert all(0 <= values[f"{d}_top1"] <= 1 for d in ("c2t", "t2c"))
+  summary = results["alignment"]
+  assert summary["last_step"] == logged[10]
+  assert summary["last_epoch_log_steps"] == 3
+  for key, value in summary["last_epoch_mean"].items():
+    np.testing.assert_allclose(value, np.mean([logged[s][key] for s in (6, 8, 10)]))
+  assert summary["at_evaluations"] == {"5": logged[5], "10": logged[10]}
 
 
 def test_compile_per_bucket_runs_the_shapes_it_was_given_and_refuses_others():
@@ -334,3 +364,20 @@ def test_stop_after_epochs_trains_part_of_the_schedule_and_resumes_to_a_later_st
   more = train.train_and_evaluate(config, tmp_path / "part")
   assert more["last_step"] == 15
   assert _losses(tmp_path / "part") == {s: whole[s] for s in range(1, 16)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["mner", "mre", "mjere"])
+def test_separate_views_train_and_evaluate(task, request, tmp_path):
+  if task == "mner":
+    config = train_fixtures.tiny_config(*request.getfixturevalue("tiny"))
+    config.num_epochs = 1
+  else:
+    config = _relation_config(request.getfixturevalue("tiny_relations"), task)
+  config.align.views = "separate"
+  results = train.train_and_evaluate(config, tmp_path / "run")
+  assert results["config"]["align"]["views"] == "separate"
+  assert 0.0 <= results["test"]["f1"] <= 1.0 and 0.0 <= results["dev"]["f1"] <= 1.0
+  assert all(np.isfinite(v) for v in _losses(tmp_path / "run").values())
+  last = results["alignment"]["last_step"]
+  assert 0 < last["align_grad_share"] < 1 and 0 <= last["c2t_top1"] <= 1

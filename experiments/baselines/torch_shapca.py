@@ -199,13 +199,13 @@ class ShapCATorch(nn.Module):
 
   def __init__(self, text_config: BertConfig, labels: Sequence[str],
                vision_config: Optional[VisionConfig] = None, *, use_context: bool = True,
-               text_context: str = "joint", proj_dim: int = 256, dropout_rate: float = 0.1,
+               align_views: str = "joint", proj_dim: int = 256, dropout_rate: float = 0.1,
                fusion_mode: str = "adaptive", fusion_heads: int = 8,
                crf_implementation: str = "auto"):
     super().__init__()
-    if text_context not in ("joint", "separate"):
-      raise ValueError(f"text_context must be joint or separate, got {text_context!r}")
-    self.use_context, self.text_context = use_context, text_context
+    if align_views not in ("joint", "separate"):
+      raise ValueError(f"align_views must be joint or separate, got {align_views!r}")
+    self.use_context, self.align_views = use_context, align_views
     hidden = text_config.hidden_size
     self.text_encoder = _bert(text_config)
     self.text_proj = AlignmentProjection(hidden, proj_dim)
@@ -225,21 +225,24 @@ class ShapCATorch(nn.Module):
     return self.text_encoder(input_ids=ids, token_type_ids=token_types,
                              attention_mask=mask).last_hidden_state
 
+  def _encode_view(self, batch: Batch, view: int) -> torch.Tensor:
+    """The pooled text-only (view 0) or context-only (view 1) pass of the batch."""
+    ids = batch["views_input_ids"][:, view]
+    states = self._encode_text(ids, torch.zeros_like(ids), batch["views_attention_mask"][:, view])
+    return masked_mean(states, batch["views_mask"][:, view])
+
   def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
     """Alignment vectors, emissions and the CRF log-likelihood per example."""
     states = self._encode_text(batch["input_ids"], batch["token_type_ids"],
                                batch["attention_mask"])
-    out = {"text_vec": self.text_proj(masked_mean(states, batch["text_mask"]))}
-    context = None
+    text = masked_mean(states, batch["text_mask"])
+    context = masked_mean(states, batch["context_mask"]) if self.use_context else None
+    aligned_context = context
+    if self.use_context and self.align_views == "separate":
+      text, aligned_context = (self._encode_view(batch, view) for view in (0, 1))
+    out = {"text_vec": self.text_proj(text)}
     if self.use_context:
-      if self.text_context == "separate":
-        ids = batch["context_input_ids"]
-        context_states = self._encode_text(ids, torch.zeros_like(ids),
-                                           batch["context_attention_mask"])
-        context = masked_mean(context_states, batch["context_attention_mask"])
-      else:
-        context = masked_mean(states, batch["context_mask"])
-      out["context_vec"] = self.context_proj(context)
+      out["context_vec"] = self.context_proj(aligned_context)
     if self.image_encoder is not None:
       image = self.image_encoder(pixel_values=batch["pixel_values"])
       out["image_vec"] = self.image_proj(image.pooler_output)

@@ -5,6 +5,8 @@ batch); `Encoder.row` lays one example out in a fixed-size bucket:
 
   [CLS] text [SEP] context [SEP]   token types 0 ... 0 1 ... 1
 
+and, with layout `views` (the alignment's separate views, docs/alignment.md), the same text and
+context pieces once more as two rows of their own, `[CLS] text [SEP]` and `[CLS] context [SEP]`.
 The context is truncated before the text. Each word is represented by its first piece (words
 the tokenizer maps to no piece at all, such as a lone U+FE0F, become [UNK] so that every word
 keeps its label). MRE texts carry the markers `<s> </s> <o> </o>` around head and tail words,
@@ -27,7 +29,7 @@ from shapca_jax.data.readers import Example
 
 MARKERS = ("<s>", "</s>", "<o>", "</o>")
 TASKS = ("mner", "mre", "jmere")
-TEXT_CONTEXT = ("joint", "separate", "none")
+LAYOUTS = ("joint", "views", "none")
 
 
 def default_tokenizer_dir() -> pathlib.Path:
@@ -183,17 +185,18 @@ class Encoder:
   Args:
     tokenizer_dir: a local checkpoint folder (tokenizer.json or vocab.txt).
     task: `mner`, `mre` or `jmere`.
-    text_context: `joint` ([CLS] text [SEP] context [SEP]), `separate` (joint, plus the context
-      alone as `context_input_ids`), or `none` ([CLS] text [SEP], no context).
+    layout: `joint` ([CLS] text [SEP] context [SEP]), `views` (joint, plus the text-only and
+      context-only rows `views_*` [2, L] that the separate alignment views encode), or `none`
+      ([CLS] text [SEP], no context).
   """
 
-  def __init__(self, tokenizer_dir: pathlib.Path | str, task: str, text_context: str = "joint"):
+  def __init__(self, tokenizer_dir: pathlib.Path | str, task: str, layout: str = "joint"):
     if task not in TASKS:
       raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    if text_context not in TEXT_CONTEXT:
-      raise ValueError(f"text_context={text_context!r}; expected one of {TEXT_CONTEXT}")
+    if layout not in LAYOUTS:
+      raise ValueError(f"layout={layout!r}; expected one of {LAYOUTS}")
     self.task = task
-    self.text_context = text_context
+    self.layout = layout
     self.tokenizer = WordPieceTokenizer(tokenizer_dir, markers=task == "mre")
 
   def pieces(self, examples: Sequence[Example]) -> list[Pieces]:
@@ -220,7 +223,7 @@ class Encoder:
 
   @property
   def uses_context(self) -> bool:
-    return self.text_context != "none"
+    return self.layout != "none"
 
   def length(self, pieces: Pieces) -> int:
     """Positions the untruncated joint input needs."""
@@ -229,9 +232,8 @@ class Encoder:
   def bucket(self, pieces: Pieces, buckets: Sequence[Bucket]) -> int:
     """Index of the smallest bucket that holds the example whole, else of the largest."""
     need = self.length(pieces)
-    separate = len(pieces.context_ids) + 2 if self.text_context == "separate" else 0
     for i, b in enumerate(buckets):
-      if need <= b.tokens and separate <= b.tokens and len(pieces.word_starts) <= b.words:
+      if need <= b.tokens and len(pieces.word_starts) <= b.words:
         return i
     return len(buckets) - 1
 
@@ -270,12 +272,23 @@ class Encoder:
         "word_starts": _padded(1 + pieces.word_starts[:fit.words], bucket.words, 0),
         "num_words": np.int32(fit.words),
     }
-    if self.text_context == "separate":
-      context = [self.tokenizer.cls_id, *pieces.context_ids[:length - 2], self.tokenizer.sep_id]
-      row["context_input_ids"] = _padded(context, length, self.tokenizer.pad_id)
-      row["context_attention_mask"] = (positions < len(context)).astype(np.int32)
+    if self.layout == "views":
+      row.update(self._views(pieces, fit, length))
     row.update(self._targets(example, pieces, fit, bucket))
     return row
+
+  def _views(self, pieces: Pieces, fit: Fit, length: int) -> dict[str, np.ndarray]:
+    """The text-only and context-only rows of the pieces the joint row kept; each is shorter
+    than the joint row, so the bucket's length holds it."""
+    cls, sep = self.tokenizer.cls_id, self.tokenizer.sep_id
+    positions = np.arange(length)
+    ids, attention, pooled = [], [], []
+    for kept in (pieces.text_ids[:fit.text], pieces.context_ids[:fit.context]):
+      ids.append(_padded([cls, *kept, sep], length, self.tokenizer.pad_id))
+      attention.append((positions < len(kept) + 2).astype(np.int32))
+      pooled.append((positions >= 1) & (positions < 1 + len(kept)))
+    return {"views_input_ids": np.stack(ids), "views_attention_mask": np.stack(attention),
+            "views_mask": np.stack(pooled)}
 
   def _targets(self, example: Example, pieces: Pieces, fit: Fit, bucket: Bucket) -> dict:
     if self.task == "mner":
@@ -299,9 +312,11 @@ class Encoder:
         "word_starts": (words, np.int32, 0),
         "num_words": ((), np.int32, 0),
     }
-    if self.text_context == "separate":
-      fields |= {"context_input_ids": (tokens, np.int32, pad),
-                 "context_attention_mask": (tokens, np.int32, 0)}
+    if self.layout == "views":
+      views = (2, bucket.tokens)
+      fields |= {"views_input_ids": (views, np.int32, pad),
+                 "views_attention_mask": (views, np.int32, 0),
+                 "views_mask": (views, np.bool_, 0)}
     if self.task == "mner":
       fields["tags"] = (words, np.int32, 0)
     elif self.task == "mre":

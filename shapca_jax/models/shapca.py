@@ -3,10 +3,13 @@
 One forward pass of a batch (the field names of ``shapca_jax.data`` batches):
 
   H = BERT([CLS] text [SEP] context [SEP])                 joint text+context states [B, L, H]
-  t = mean of H over text pieces, c = mean over context pieces     ([R] text_context="joint")
-      (with text_context="separate", c comes from BERT([CLS] context [SEP]) instead)
+  c = mean of H over context pieces
   u, P = image CLS and patch states of the vision tower           (only with an image encoder)
-  t_a, c_a, u_a = L2-normalised 2-layer MLP projections of t, c, u   -> alignment losses
+  t_a, c_a, u_a = L2-normalised 2-layer MLP projections of t, c, u   -> alignment losses, where
+      ([R] align_views="joint") t = mean of H over text pieces, c as above;
+      (align_views="separate") t = mean over the text pieces of BERT([CLS] text [SEP]) and
+      c = mean over the context pieces of BERT([CLS] context [SEP]), both rows of every example
+      in one extra encoder call [2B, L]
   H' = AdaptiveFusion(H, P, c)  with an image encoder, else H     (fusion is the identity)
   the task head on H' (METHOD §1):
     mner   emissions [B, W, K] at each word's first piece -> CRF
@@ -34,6 +37,7 @@ from shapca_jax.models.vision import VisionConfig, VisionEncoder
 
 Batch = dict[str, jax.Array]
 TASKS = ("mner", "mre", "mjere")
+ALIGN_VIEWS = ("joint", "separate")
 
 
 class ShapCA(nn.Module):
@@ -49,7 +53,9 @@ class ShapCA(nn.Module):
     pair_dim: mjere only: width of the biaffine word-pair representations.
     vision_config: the image tower's architecture, or None when the image branch is off.
     use_context: False encodes the text alone (the "no context" ablation).
-    text_context: "joint" or "separate" (see the module docstring).
+    align_views: "joint" or "separate": the passes the alignment vectors are pooled from (see
+      the module docstring); "separate" reads the batch fields ``views_*`` of the data layout
+      "views". The task path reads the joint pass either way.
     proj_dim: size of the alignment space d_a.
     dropout_rate: dropout before the task head.
     fusion_mode / fusion_heads: ``AdaptiveFusion`` settings.
@@ -63,7 +69,7 @@ class ShapCA(nn.Module):
   pair_dim: int = 256
   vision_config: Optional[VisionConfig] = None
   use_context: bool = True
-  text_context: str = "joint"
+  align_views: str = "joint"
   proj_dim: int = 256
   dropout_rate: float = 0.1
   fusion_mode: str = "adaptive"
@@ -75,6 +81,8 @@ class ShapCA(nn.Module):
   def setup(self):
     if self.task not in TASKS:
       raise ValueError(f"task={self.task!r}; expected one of {TASKS}")
+    if self.align_views not in ALIGN_VIEWS:
+      raise ValueError(f"align_views={self.align_views!r}; expected one of {ALIGN_VIEWS}")
     if self.task == "mjere" and not 0 < self.num_entity_types < len(self.labels):
       raise ValueError(f"mjere needs 0 < num_entity_types < {len(self.labels)} grid classes, "
                        f"got {self.num_entity_types}")
@@ -97,25 +105,39 @@ class ShapCA(nn.Module):
     else:
       self.pair_scorer = WordPairHead(len(self.labels), self.pair_dim, **kw)
 
-  def encode(self, batch: Batch, deterministic: bool) -> dict[str, jax.Array]:
-    """Alignment vectors (``text_vec``, ``context_vec``, ``image_vec``) and the head's scores
-    of a batch: ``emissions`` (mner) or ``logits`` (mre, mjere)."""
+  def _separate_views(self, batch: Batch, deterministic: bool) -> tuple[jax.Array, jax.Array]:
+    """(t, c) pooled from the text-only and context-only rows ``views_*`` [B, 2, L], encoded
+    together as one batch of 2B rows (token type 0: each row is a first segment)."""
+    ids = batch["views_input_ids"]
+    rows, length = 2 * ids.shape[0], ids.shape[-1]
+    flat = lambda x: jnp.swapaxes(x, 0, 1).reshape(rows, length)  # text rows, then contexts
+    states = self.text_encoder(flat(ids), jnp.zeros((rows, length), ids.dtype),
+                               flat(batch["views_attention_mask"]), deterministic=deterministic)
+    text, context = jnp.split(masked_mean(states, flat(batch["views_mask"])), 2)
+    return text, context
+
+  def encode(self, batch: Batch, deterministic: bool,
+             alignment: bool = True) -> dict[str, jax.Array]:
+    """The head's scores of a batch, ``emissions`` (mner) or ``logits`` (mre, mjere), and with
+    ``alignment`` the alignment vectors ``text_vec``, ``context_vec`` (with contexts) and
+    ``image_vec`` (with an image encoder)."""
     states = self.text_encoder(batch["input_ids"], batch["token_type_ids"],
                                batch["attention_mask"], deterministic=deterministic)
-    context = None
-    out = {"text_vec": self.text_proj(masked_mean(states, batch["text_mask"]))}
-    if self.use_context:
-      if self.text_context == "separate":
-        context_states = self.text_encoder(
-            batch["context_input_ids"], jnp.zeros_like(batch["context_input_ids"]),
-            batch["context_attention_mask"], deterministic=deterministic)
-        context = masked_mean(context_states, batch["context_attention_mask"])
+    context = masked_mean(states, batch["context_mask"]) if self.use_context else None
+    out = {}
+    if alignment:
+      if self.use_context and self.align_views == "separate":
+        text_view, context_view = self._separate_views(batch, deterministic)
+        out["context_vec"] = self.context_proj(context_view)
       else:
-        context = masked_mean(states, batch["context_mask"])
-      out["context_vec"] = self.context_proj(context)
+        text_view = masked_mean(states, batch["text_mask"])
+        if self.use_context:
+          out["context_vec"] = self.context_proj(context)
+      out["text_vec"] = self.text_proj(text_view)
     if self.vision_config is not None:
       patches, pooled = self.image_encoder(batch["pixel_values"], deterministic=deterministic)
-      out["image_vec"] = self.image_proj(pooled)
+      if alignment:
+        out["image_vec"] = self.image_proj(pooled)
       states = self.fusion(states, patches, context, batch["attention_mask"],
                            deterministic=deterministic)
     states = self.dropout(states, deterministic=deterministic)
@@ -152,7 +174,7 @@ class ShapCA(nn.Module):
     """The task's prediction per example: constrained Viterbi tags ``[B, W]`` (-1 beyond each
     sentence; mner), relation ids ``[B]`` (mre) or grids ``[B, W, W]`` (-1 on ignored cells,
     no relation on the diagonal; mjere)."""
-    out = self.encode(batch, deterministic=True)
+    out = self.encode(batch, deterministic=True, alignment=False)
     if self.task == "mner":
       return self.crf.decode(out["emissions"], batch["num_words"])[0]
     if self.task == "mre":
