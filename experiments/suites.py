@@ -68,4 +68,24 @@ SUITES = {s.name: s for s in (
         comparisons=(("blip2-none", "text-only"), ("blip2-infonce", "blip2-none"),
                      ("blip2-shapley", "blip2-none"), ("blip2-shapley", "blip2-infonce"),
                      ("pgim-none", "blip2-none"), ("pgim-shapley", "pgim-none"))),
+    Suite(
+        "align-sweep-t17",
+        "Which alignment setting does Twitter-2017 dev F1 prefer, and does any keep a "
+        "non-trivial alignment signal? (one seed; defaults chosen on dev only)",
+        rows=(Row("joint-0.1", dict(T17), (0,), same_as="ablation-t17/blip2-shapley"),
+              Row("joint-1.0", {**T17, "align.lambda_ct": 1.0}, (0,)),
+              Row("separate-0.1", {**T17, "align.views": "separate"}, (0,)),
+              Row("separate-1.0", {**T17, "align.views": "separate", "align.lambda_ct": 1.0},
+                  (0,)),
+              # Then the utility and the loss at the better view (only that view's rows run).
+              Row("joint-logsumexp", {**T17, "align.utility": "logsumexp"}, (0,)),
+              Row("joint-infonce", {**T17, "align.kind": "infonce"}, (0,),
+                  same_as="ablation-t17/blip2-infonce"),
+              Row("separate-logsumexp", {**T17, "align.views": "separate",
+                                         "align.utility": "logsumexp"}, (0,)),
+              Row("separate-infonce", {**T17, "align.views": "separate", "align.kind": "infonce"},
+                  (0,)),
+              Row("none", {**T17, "align.kind": "none"}, (0,), same_as="ablation-t17/blip2-none")),
+        comparisons=(("joint-0.1", "none"), ("separate-0.1", "none"), ("separate-0.1", "joint-0.1"),
+                     ("joint-1.0", "joint-0.1"), ("separate-1.0", "separate-0.1"))),
 )}
