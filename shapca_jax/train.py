@@ -381,16 +381,31 @@ def mesh_eval_fn(mesh: jax.sharding.Mesh, shardings: Any, state: steps.TrainStat
 # ----------------------------------------------------------------------------- loop
 
 
-class _StepTimer:
-  """Training steps per second, with compilation, evaluation and checkpoint writes left out;
-  the seconds of what was left out are kept by name (``excluded``)."""
+class LoopTimer:
+  """Where the training loop's wall time goes, by named section.
+
+  ``rate()`` is training steps per second with compilation, evaluation and checkpoint writes
+  left out (the seconds of what was left out are kept by name in ``excluded``). ``sections``
+  holds the host seconds of the loop's other parts (``section``): they overlap the steps the
+  device is still computing, so they show where the host spends its time, not what it costs.
+  """
 
   def __init__(self):
     self.steps, self._elapsed, self._since = 0, 0.0, None
     self.excluded: dict[str, float] = collections.defaultdict(float)
+    self.sections: dict[str, float] = collections.defaultdict(float)
+    self.loop_seconds = 0.0  # first step dispatched to last step done, everything included
 
   def start(self):
     self._since = time.perf_counter()
+
+  @contextlib.contextmanager
+  def section(self, name: str):
+    began = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.sections[name] += time.perf_counter() - began
 
   @contextlib.contextmanager
   def excluding(self, name: str):
@@ -409,6 +424,18 @@ class _StepTimer:
   def rate(self) -> float:
     elapsed = self._elapsed + (time.perf_counter() - self._since if self._since else 0.0)
     return self.steps / elapsed if elapsed > 0 else 0.0
+
+
+@dataclasses.dataclass
+class LoopProbe:
+  """What ``train_and_evaluate(..., probe=...)`` leaves for a benchmark of its loop: the
+  compiled train step and its key, every device batch the loop fed it (in order), the state
+  after the last step, and the loop's timer."""
+  step_fn: Optional[Callable] = None
+  rng: Optional[jax.Array] = None
+  batches: list = dataclasses.field(default_factory=list)
+  state: Any = None
+  timer: Optional[LoopTimer] = None
 
 
 def _host_metrics(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple[int, dict]]:
@@ -432,8 +459,12 @@ def _append_jsonl(path: pathlib.Path, record: dict) -> None:
     f.write(json.dumps(record) + "\n")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Trains, selects the best dev checkpoint, scores it on test; returns the results dict."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       probe: Optional[LoopProbe] = None) -> dict:
+  """Trains, selects the best dev checkpoint, scores it on test; returns the results dict.
+
+  ``probe`` (benchmarks) is filled with the loop's compiled step, batches, state and timer.
+  """
   validate_config(config)
   mesh = sharding.mesh_from_config(config)
   for key in ("batch_size", "eval_batch_size"):
@@ -491,35 +522,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     best_dev = None  # the dev scores of the best checkpoint, when this process evaluated it
     bar = tqdm.tqdm(total=total_steps, initial=first_step, disable=not config.progress_bar,
                     desc="train", unit="step", dynamic_ncols=True)
-    timer = _StepTimer()
+    timer = LoopTimer()
+    loop_began = time.perf_counter()
     timer.start()
     for step in range(first_step + 1, total_steps + 1):
-      state, step_metrics = step_fn(state, sharding.global_batch(next(iterator), mesh), train_rng)
+      with timer.section("input"):
+        host_batch = next(iterator)
+      with timer.section("host_to_device"):
+        batch = sharding.global_batch(host_batch, mesh)
+      if probe is not None:
+        probe.batches.append(batch)
+      with timer.section("dispatch"):
+        state, step_metrics = step_fn(state, batch, train_rng)
       pending.append((step, step_metrics))
       timer.steps += 1
       bar.update(1)
       is_eval = step % steps_per_epoch == 0 or step == total_steps
       if step % config.log_every_steps == 0 or is_eval or ckpt.should_save(step):
-        logged = _host_metrics(pending)
-        pending = []
-        _check_finite(logged, last_saved)
-        for s, values in logged:
-          _append_jsonl(metrics_log, {"step": s, **values})
-        bar.set_postfix(loss=f"{logged[-1][1]['loss']:.4f}", steps_per_s=f"{timer.rate():.2f}")
+        with timer.section("waiting"):
+          jax.block_until_ready(pending[-1][1])
+        with timer.section("logging"):
+          logged = _host_metrics(pending)
+          pending = []
+          _check_finite(logged, last_saved)
+          for s, values in logged:
+            _append_jsonl(metrics_log, {"step": s, **values})
+          bar.set_postfix(loss=f"{logged[-1][1]['loss']:.4f}", steps_per_s=f"{timer.rate():.2f}")
       if ckpt.should_save(step) or step == total_steps:
-        with timer.excluding("checkpoint"):
+        with timer.excluding("checkpoint"), timer.section("checkpoint"):
           ckpt.save_latest(step, state, data_state=iterator.get_state(), rng=train_rng)
         last_saved = step
       if is_eval:
         with timer.excluding("evaluation"):
           dev = evaluate(eval_fn, state, data.valid, scorer)
         _append_jsonl(metrics_log, {"step": step, "epoch": step / steps_per_epoch,
+                                    "seconds": round(time.time() - start_time, 2),
                                     "dev": _summary(dev)})
-        with timer.excluding("checkpoint"):
+        with timer.excluding("checkpoint"), timer.section("checkpoint"):
           if ckpt.save_best(step, state.params, _summary(dev)):
             best_dev = dev
         bar.write(f"step {step}: dev F1 {dev['f1']:.4f} (best {ckpt.best['value']:.4f} at step "
                   f"{ckpt.best['step']})")
+    jax.block_until_ready(state)
+    timer.loop_seconds = time.perf_counter() - loop_began
     bar.close()
     ckpt.wait_until_finished()
     best = ckpt.best
@@ -552,6 +597,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                     for split, pipe in (("dev", "valid"), ("test", "test"))}
   if jax.process_index() == 0:
     (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+  if probe is not None:
+    probe.step_fn, probe.rng, probe.state, probe.timer = step_fn, train_rng, state, timer
   return results
 
 
