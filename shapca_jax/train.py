@@ -16,6 +16,7 @@ Model selection always ranks the dev split's top-level ``f1``.
 """
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -36,6 +37,7 @@ import tqdm
 from shapca_jax import checkpoint
 from shapca_jax import metrics as metrics_lib
 from shapca_jax import optim
+from shapca_jax.prefetch import DevicePrefetcher
 from shapca_jax import sharding
 from shapca_jax import steps
 from shapca_jax import wordpair
@@ -55,6 +57,8 @@ METRICS_LOG = "metrics.jsonl"
 # Keys that may change when a run is resumed: they steer bookkeeping, not the numbers (a run
 # may continue on another mesh: checkpoints restore onto any sharding).
 RESUME_IGNORE_KEYS = ("log_every_steps", "progress_bar", "eval_batch_size", "mesh.*")
+# Batches put on the devices ahead of the step (2: the next one while the current one runs).
+PREFETCH_DEPTH = 2
 # Row fields that place an evaluated row in its split (see `predict_split`).
 ROW_FIELDS = ("example_index", "valid", "num_words")
 
@@ -438,6 +442,35 @@ class LoopProbe:
   timer: Optional[LoopTimer] = None
 
 
+class _BackgroundSaves:
+  """``ckpt.save_latest`` off the loop's critical path: the state is copied on its devices
+  (the next step donates the original), and the copy goes to the host and to disk on a worker
+  thread while the loop dispatches the next steps. One save at a time; ``wait`` blocks until
+  the last one is done and re-raises what it raised."""
+
+  def __init__(self, ckpt: checkpoint.TrainCheckpointer, state: steps.TrainState):
+    self._ckpt = ckpt
+    self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+    self._pending: Optional[concurrent.futures.Future] = None
+    # Compiled with the steps, so that the first save does not compile inside the loop.
+    self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree)).lower(state).compile()
+
+  def save_latest(self, step: int, state: steps.TrainState, **kwargs: Any) -> None:
+    self.wait()
+    self._pending = self._worker.submit(self._ckpt.save_latest, step, self._copy(state), **kwargs)
+
+  def wait(self) -> None:
+    pending, self._pending = self._pending, None
+    if pending is not None:
+      pending.result()
+
+  def __enter__(self) -> "_BackgroundSaves":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self._worker.shutdown(wait=True)  # a save still running finishes before the files close
+
+
 def _host_metrics(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple[int, dict]]:
   """Fetches the metrics of the steps since the last log step in one transfer."""
   fetched = jax.device_get([m for _, m in pending])
@@ -497,10 +530,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   iterator = iter(data.train)
   metrics_log = workdir / METRICS_LOG
 
-  with checkpoint.TrainCheckpointer(
-      workdir, config.to_dict(), save_every_steps=config.checkpoint_every_steps,
-      keep_latest=config.keep_checkpoints, best_metric="f1",
-      resume_ignore_keys=RESUME_IGNORE_KEYS) as ckpt:
+  with contextlib.ExitStack() as cleanup:
+    ckpt = cleanup.enter_context(checkpoint.TrainCheckpointer(
+        workdir, config.to_dict(), save_every_steps=config.checkpoint_every_steps,
+        keep_latest=config.keep_checkpoints, best_metric="f1",
+        resume_ignore_keys=RESUME_IGNORE_KEYS))
     restored = ckpt.restore_latest(sharding.with_shardings(state, shardings))
     first_step = 0
     if restored is not None:
@@ -516,6 +550,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         jitted_step, state, _padding_batches(data.train, range(first_step, total_steps), mesh),
         train_rng)
     eval_fn = mesh_eval_fn(mesh, shardings, state, (data.valid, data.test))
+    saves = cleanup.enter_context(_BackgroundSaves(ckpt, state))
     compile_seconds = time.perf_counter() - compile_began
 
     pending: list[tuple[int, dict]] = []
@@ -523,13 +558,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     bar = tqdm.tqdm(total=total_steps, initial=first_step, disable=not config.progress_bar,
                     desc="train", unit="step", dynamic_ncols=True)
     timer = LoopTimer()
+    batches = cleanup.enter_context(DevicePrefetcher(
+        iterator, functools.partial(sharding.global_batch, mesh=mesh), depth=PREFETCH_DEPTH))
     loop_began = time.perf_counter()
     timer.start()
     for step in range(first_step + 1, total_steps + 1):
-      with timer.section("input"):
-        host_batch = next(iterator)
-      with timer.section("host_to_device"):
-        batch = sharding.global_batch(host_batch, mesh)
+      with timer.section("input_wait"):
+        batch = next(batches)
       if probe is not None:
         probe.batches.append(batch)
       with timer.section("dispatch"):
@@ -539,8 +574,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       bar.update(1)
       is_eval = step % steps_per_epoch == 0 or step == total_steps
       if step % config.log_every_steps == 0 or is_eval or ckpt.should_save(step):
-        with timer.section("waiting"):
+        with timer.section("device_wait"):
           jax.block_until_ready(pending[-1][1])
+        with timer.section("checkpoint"):
+          saves.wait()  # a failed save stops the run here, before later steps are logged
         with timer.section("logging"):
           logged = _host_metrics(pending)
           pending = []
@@ -550,7 +587,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           bar.set_postfix(loss=f"{logged[-1][1]['loss']:.4f}", steps_per_s=f"{timer.rate():.2f}")
       if ckpt.should_save(step) or step == total_steps:
         with timer.excluding("checkpoint"), timer.section("checkpoint"):
-          ckpt.save_latest(step, state, data_state=iterator.get_state(), rng=train_rng)
+          saves.save_latest(step, state, data_state=batches.get_state(), rng=train_rng)
         last_saved = step
       if is_eval:
         with timer.excluding("evaluation"):
@@ -559,12 +596,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                     "seconds": round(time.time() - start_time, 2),
                                     "dev": _summary(dev)})
         with timer.excluding("checkpoint"), timer.section("checkpoint"):
+          saves.wait()
           if ckpt.save_best(step, state.params, _summary(dev)):
             best_dev = dev
         bar.write(f"step {step}: dev F1 {dev['f1']:.4f} (best {ckpt.best['value']:.4f} at step "
                   f"{ckpt.best['step']})")
     jax.block_until_ready(state)
+    saves.wait()
     timer.loop_seconds = time.perf_counter() - loop_began
+    batches.close()
+    timer.sections.update({f"prefetch_{k}": t for k, t in batches.seconds.items()})
     bar.close()
     ckpt.wait_until_finished()
     best = ckpt.best
