@@ -138,16 +138,14 @@ def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   for key in ("batch_size", "eval_batch_size"):
     if config[key] % shard_count:
       raise ValueError(f"config.{key}={config[key]} does not split over {shard_count} processes")
-  buckets = tuple(b for b in tokenization.DEFAULT_BUCKETS if b.tokens <= config.max_length)
-  if not buckets:
-    raise ValueError(f"config.max_length={config.max_length} is below the smallest bucket "
-                     f"({tokenization.DEFAULT_BUCKETS[0].tokens} tokens)")
+  splits = {split: list(builders.load_split(config.dataset, split, build_dir, context_source,
+                                            missing_context=config.missing_context))
+            for split in ("train", "valid", "test")}
+  buckets = run_buckets(config, encoder, splits)
 
   def pipeline(split: str, train: bool) -> BatchPipeline:
-    examples = builders.load_split(config.dataset, split, build_dir, context_source,
-                                   missing_context=config.missing_context)
     return BatchPipeline(
-        examples, encoder, buckets=buckets, seed=config.seed,
+        splits[split], encoder, buckets=buckets, seed=config.seed,
         batch_size=(config.batch_size if train else config.eval_batch_size) // shard_count,
         shuffle=train, drop_remainder=train, num_epochs=config.num_epochs if train else 1,
         image_loader=loader, image_dir=config.image_dir or None, shard_index=shard_index,
@@ -155,6 +153,32 @@ def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
   return Data(pipeline("train", True), pipeline("valid", False), pipeline("test", False),
               vocab_size=encoder.tokenizer.vocab_size, blank_images=loader)
+
+
+def run_buckets(config: ml_collections.ConfigDict, encoder: tokenization.Encoder,
+                splits: dict[str, Sequence[Example]]) -> tuple[tokenization.Bucket, ...]:
+  """The padded shapes of the run.
+
+  ``config.max_buckets`` 0: the default buckets up to ``config.max_length``. Otherwise a ladder
+  of at most that many token sizes, multiples of ``config.bucket_multiple`` and
+  ``config.max_length`` itself, that pads the training inputs the least
+  (``tokenization.bucket_ladder``; every size takes a global batch at least), with the word
+  slots that the inputs of all splits landing in each need.
+  """
+  if config.max_buckets == 0:
+    buckets = tuple(b for b in tokenization.DEFAULT_BUCKETS if b.tokens <= config.max_length)
+    if not buckets:
+      raise ValueError(f"config.max_length={config.max_length} is below the smallest bucket "
+                       f"({tokenization.DEFAULT_BUCKETS[0].tokens} tokens)")
+    return buckets
+  pieces = {split: encoder.pieces(examples) for split, examples in splits.items()}
+  sizes = tokenization.bucket_ladder(
+      [encoder.length(p) for p in pieces["train"]], max_length=config.max_length,
+      multiple=config.bucket_multiple, max_buckets=config.max_buckets,
+      min_examples=config.batch_size)
+  every = [p for split in pieces.values() for p in split]
+  return tokenization.ladder_buckets(sizes, [encoder.length(p) for p in every],
+                                     [len(p.word_starts) for p in every])
 
 
 # ----------------------------------------------------------------------------- model

@@ -39,6 +39,9 @@ class PipelineReport:
   context_truncated: int
   text_truncated: int
   grid_conflicts: int
+  # Share of the token positions of an epoch's batches (epoch 0 when batches are dropped) that
+  # are padding: padding rows and the positions after each input.
+  padded_token_fraction: float = 0.0
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -101,10 +104,12 @@ class BatchPipeline:
     self.shard_count = shard_count
     self.image_loader = image_loader
     self.image_dir = None if image_dir is None else pathlib.Path(image_dir)
-    self._bucket_of, self._image_keys, self._tables, self._slot, self.report = self._measure()
+    (self._bucket_of, self._image_keys, self._tables, self._slot, self.report,
+     tokens_of) = self._measure()
     if self.report.batches_per_epoch == 0:
       raise ValueError(f"{len(examples)} examples make no batch of {self._global_size} rows "
                        "with drop_remainder=True")
+    self.report.padded_token_fraction = self._padded_fraction(tokens_of)
     self._image_shape = self._load_image(0).shape if image_loader else None
     worrying = self.report.text_truncated or self.report.missing_context
     (logging.warning if worrying else logging.info)("batch pipeline: %s", self.report.as_dict())
@@ -153,7 +158,14 @@ class BatchPipeline:
         context_truncated=sum(1 for p, f in zip(pieces, fits) if f.context < len(p.context_ids)),
         text_truncated=sum(1 for p, f in zip(pieces, fits) if f.words < len(p.word_starts)),
         grid_conflicts=grid_conflicts)
-    return bucket_of, [image_key(e.image_id) for e in examples], tables, slot, report
+    specials = 3 if self.encoder.uses_context else 2
+    tokens_of = np.array([specials + f.text + f.context for f in fits], np.int64)
+    return bucket_of, [image_key(e.image_id) for e in examples], tables, slot, report, tokens_of
+
+  def _padded_fraction(self, tokens_of: np.ndarray) -> float:
+    positions = sum(self._global_size * self.buckets[b].tokens for b, _ in self.plan(0))
+    real = sum(int(tokens_of[members].sum()) for _, members in self.plan(0))
+    return round(1.0 - real / positions, 4)
 
   @functools.lru_cache(maxsize=2)
   def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
