@@ -1,11 +1,11 @@
 """Time to a dev F1: our main job against the transformers token-classification recipe.
 
-Runs, one after the other in fresh processes on the same inputs (Twitter-2017, BLIP-2
-contexts, MiniLM, batch 16) and for the same number of epochs, the recipe
-(``baselines/hf_token_classification.py``) and ours (``train_twitter17.py``, the main config),
-then reads each one's dev evaluations (one per epoch, with the seconds since its start) and
-prints steps/s in the training loop, seconds per epoch, total wall time, and the wall time
-each first reached the target dev F1 (default: the recipe's best dev F1).
+Runs, one after the other in fresh processes, on the same inputs (Twitter-2017, BLIP-2
+contexts, MiniLM, batch 16) and for the same number of epochs, ours (``train_twitter17.py``,
+the main config) and then the recipe (``baselines/hf_token_classification.py``). It reads
+each one's dev evaluations (one per epoch, with the seconds since its start) and prints
+steps/s in the training loop, seconds per epoch, total wall time, and the wall time each
+first reached the target dev F1 (default: the recipe's best dev F1).
 
   python experiments/bench_time_to_f1.py --epochs 3 --workdir workdirs/time_to_f1
   python experiments/bench_time_to_f1.py --epochs 1 --skip_runs  # re-read finished runs
@@ -61,11 +61,11 @@ def main() -> None:
   root.mkdir(parents=True, exist_ok=True)
   dirs = {"recipe": root / "hf_recipe", "ours": root / "shapca"}
   commands = {
-      "recipe": [sys.executable, str(EXPERIMENTS / "baselines" / "hf_token_classification.py"),
-                 "--workdir", str(dirs["recipe"]), "--epochs", str(args.epochs)],
       "ours": [sys.executable, str(EXPERIMENTS / "train_twitter17.py"),
                "--workdir", str(dirs["ours"]), f"--config.num_epochs={args.epochs}",
                "--config.progress_bar=False", *[f"--config.{o}" for o in args.ours]],
+      "recipe": [sys.executable, str(EXPERIMENTS / "baselines" / "hf_token_classification.py"),
+                 "--workdir", str(dirs["recipe"]), "--epochs", str(args.epochs)],
   }
   process_seconds = {}
   if not args.skip_runs:

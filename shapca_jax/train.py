@@ -37,7 +37,6 @@ import tqdm
 from shapca_jax import checkpoint
 from shapca_jax import metrics as metrics_lib
 from shapca_jax import optim
-from shapca_jax.prefetch import DevicePrefetcher
 from shapca_jax import sharding
 from shapca_jax import steps
 from shapca_jax import wordpair
@@ -47,6 +46,7 @@ from shapca_jax.data.pipeline import BatchPipeline
 from shapca_jax.data.readers import Example
 from shapca_jax.models import weights
 from shapca_jax.models.shapca import ShapCA
+from shapca_jax.prefetch import DevicePrefetcher
 
 Scores = dict[str, Any]
 # The model's classes per task (mjere: the grid classes "none", entity types, relations).
