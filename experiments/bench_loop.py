@@ -19,10 +19,10 @@ exist offline). All three use MiniLM's tokenizer (the BERT uncased vocabulary).
 
 The JSON has ``loop_steps_per_second`` (steps over the loop's wall time, evaluation left out,
 checkpoint writes kept in), ``step_steps_per_second``, ``loop_efficiency`` (their ratio) and
-``loop_seconds``: the host seconds of the loop's sections (``train.LoopTimer``): ``waiting``
-for input from the prefetch thread (or, before it, ``input`` and ``host_to_device`` on the
-loop's thread), ``dispatch`` of the step, ``waiting`` on the device at log steps, ``logging``,
-``checkpoint``, and ``prefetch_*`` (the background thread's own time, overlapping the steps).
+``loop_seconds``: the host seconds of the loop's sections (``train.LoopTimer``):
+``input_wait`` for the prefetch thread, ``dispatch`` of the step, ``device_wait`` at log
+steps, ``logging``, ``checkpoint``, and ``prefetch_input`` / ``prefetch_host_to_device`` (the
+background thread's own time, overlapping the steps).
 
 This runs the real loop, so it needs the whole data stack (tensorflow-datasets, grain) and,
 for the random checkpoints, PyTorch and transformers.
