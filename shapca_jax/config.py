@@ -38,6 +38,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.missing_context = "error"          # or "empty": counted and reported
   config.use_context = True
   config.max_length = 128                   # longest token bucket; longer inputs are truncated
+  # Padded shapes (each compiled once per step function): 0 keeps the fixed buckets
+  # 64/128/256 up to max_length; N > 0 derives at most N token sizes from the training
+  # lengths, multiples of bucket_multiple plus max_length, padding the least.
+  config.max_buckets = 0
+  config.bucket_multiple = 8
   config.batch_size = 16                    # = k, the number of Shapley players
   config.eval_batch_size = 64
 
@@ -200,6 +205,14 @@ def validate_config(config: Any) -> None:
     if devices > 0 and flat[key] % devices:  # with a -1 size, train checks the device count
       raise ConfigError(f"config.{key}={flat[key]} does not split over config.mesh.data x "
                         f"config.mesh.fsdp = {devices} devices")
+  for key in ("max_buckets", "bucket_multiple"):
+    if not isinstance(flat[key], int) or isinstance(flat[key], bool) or flat[key] < (
+        0 if key == "max_buckets" else 1):
+      raise ConfigError(f"config.{key}={flat[key]!r} must be an int >= "
+                        f"{0 if key == 'max_buckets' else 1}")
+  if flat["bucket_multiple"] > flat["max_length"]:
+    raise ConfigError(f"config.bucket_multiple={flat['bucket_multiple']} exceeds "
+                      f"config.max_length={flat['max_length']}")
   if not 0 <= flat["warmup_ratio"] < 1:
     raise ConfigError(f"config.warmup_ratio={flat['warmup_ratio']!r} must be in [0, 1)")
   if not 0 <= flat["dropout_rate"] < 1:

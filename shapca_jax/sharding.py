@@ -128,19 +128,20 @@ def process_batch_shard(mesh: Mesh) -> tuple[int, int]:
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """This process's rows (``process_batch_shard``) -> the global batch, split over the mesh."""
-  sharding = batch_sharding(mesh)
-  _, count = process_batch_shard(mesh)
+  """This process's rows (``process_batch_shard``) -> the global batch, split over the mesh.
 
-  def assemble(x):
-    x = np.asarray(x)
+  All fields go to the devices in one call (one batched transfer on a single process).
+  """
+  _, count = process_batch_shard(mesh)
+  local = {name: np.asarray(x) for name, x in local_batch.items()}
+  shapes = {}
+  for name, x in local.items():
     rows = x.shape[0] * count
     if rows % mesh.size:
       raise ValueError(f"a global batch of {rows} rows does not split over the {mesh.size} "
                        f"devices of the mesh {dict(mesh.shape)}")
-    return jax.make_array_from_process_local_data(sharding, x, (rows, *x.shape[1:]))
-
-  return {name: assemble(x) for name, x in local_batch.items()}
+    shapes[name] = (rows, *x.shape[1:])
+  return jax.make_array_from_process_local_data(batch_sharding(mesh), local, shapes)
 
 
 def shard(tree: PyTree, shardings: PyTree) -> PyTree:

@@ -50,6 +50,7 @@ from shapca_jax.data.pipeline import BatchPipeline
 from shapca_jax.data.readers import Example
 from shapca_jax.models import weights
 from shapca_jax.models.shapca import ShapCA
+from shapca_jax.prefetch import DevicePrefetcher
 
 Scores = dict[str, Any]
 # The model's classes per task (mjere: the grid classes "none", entity types, relations).
@@ -66,6 +67,8 @@ TEST_PREDICTIONS_FILE = "test_predictions.jsonl.gz"
 # onto any sharding).
 RESUME_IGNORE_KEYS = ("log_every_steps", "progress_bar", "tensorboard", "eval_batch_size",
                       "mesh.*", "stop_after_epochs", "early_stop_patience", "cpu_threefry")
+# Batches put on the devices ahead of the step (2: the next one while the current one runs).
+PREFETCH_DEPTH = 2
 # Row fields that place an evaluated row in its split (see `predict_split`).
 ROW_FIELDS = ("example_index", "valid", "num_words")
 
@@ -153,16 +156,14 @@ def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   for key in ("batch_size", "eval_batch_size"):
     if config[key] % shard_count:
       raise ValueError(f"config.{key}={config[key]} does not split over {shard_count} processes")
-  buckets = tuple(b for b in tokenization.DEFAULT_BUCKETS if b.tokens <= config.max_length)
-  if not buckets:
-    raise ValueError(f"config.max_length={config.max_length} is below the smallest bucket "
-                     f"({tokenization.DEFAULT_BUCKETS[0].tokens} tokens)")
+  splits = {split: list(builders.load_split(config.dataset, split, build_dir, context_source,
+                                            missing_context=config.missing_context))
+            for split in ("train", "valid", "test")}
+  buckets = run_buckets(config, encoder, splits)
 
   def pipeline(split: str, train: bool) -> BatchPipeline:
-    examples = builders.load_split(config.dataset, split, build_dir, context_source,
-                                   missing_context=config.missing_context)
     return BatchPipeline(
-        examples, train_encoder if train else encoder, buckets=buckets, seed=config.seed,
+        splits[split], train_encoder if train else encoder, buckets=buckets, seed=config.seed,
         batch_size=(config.batch_size if train else config.eval_batch_size) // shard_count,
         shuffle=train, drop_remainder=train, num_epochs=config.num_epochs if train else 1,
         image_loader=loader, image_dir=config.image_dir or None, shard_index=shard_index,
@@ -170,6 +171,32 @@ def build_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
   return Data(pipeline("train", True), pipeline("valid", False), pipeline("test", False),
               vocab_size=encoder.tokenizer.vocab_size, blank_images=loader)
+
+
+def run_buckets(config: ml_collections.ConfigDict, encoder: tokenization.Encoder,
+                splits: dict[str, Sequence[Example]]) -> tuple[tokenization.Bucket, ...]:
+  """The padded shapes of the run.
+
+  ``config.max_buckets`` 0: the default buckets up to ``config.max_length``. Otherwise a ladder
+  of at most that many token sizes, multiples of ``config.bucket_multiple`` and
+  ``config.max_length`` itself, that pads the training inputs the least
+  (``tokenization.bucket_ladder``; every size takes a global batch at least), with the word
+  slots that the inputs of all splits landing in each need.
+  """
+  if config.max_buckets == 0:
+    buckets = tuple(b for b in tokenization.DEFAULT_BUCKETS if b.tokens <= config.max_length)
+    if not buckets:
+      raise ValueError(f"config.max_length={config.max_length} is below the smallest bucket "
+                       f"({tokenization.DEFAULT_BUCKETS[0].tokens} tokens)")
+    return buckets
+  pieces = {split: encoder.pieces(examples) for split, examples in splits.items()}
+  sizes = tokenization.bucket_ladder(
+      [encoder.length(p) for p in pieces["train"]], max_length=config.max_length,
+      multiple=config.bucket_multiple, max_buckets=config.max_buckets,
+      min_examples=config.batch_size)
+  every = [p for split in pieces.values() for p in split]
+  return tokenization.ladder_buckets(sizes, [encoder.length(p) for p in every],
+                                     [len(p.word_starts) for p in every])
 
 
 # ----------------------------------------------------------------------------- model
@@ -401,16 +428,31 @@ def mesh_eval_fn(mesh: jax.sharding.Mesh, shardings: Any, state: steps.TrainStat
 # ----------------------------------------------------------------------------- loop
 
 
-class _StepTimer:
-  """Training steps per second, with compilation, evaluation and checkpoint writes left out;
-  the seconds of what was left out are kept by name (``excluded``)."""
+class LoopTimer:
+  """Where the training loop's wall time goes, by named section.
+
+  ``rate()`` is training steps per second with compilation, evaluation and checkpoint writes
+  left out (the seconds of what was left out are kept by name in ``excluded``). ``sections``
+  holds the host seconds of the loop's other parts (``section``): they overlap the steps the
+  device is still computing, so they show where the host spends its time, not what it costs.
+  """
 
   def __init__(self):
     self.steps, self._elapsed, self._since = 0, 0.0, None
     self.excluded: dict[str, float] = collections.defaultdict(float)
+    self.sections: dict[str, float] = collections.defaultdict(float)
+    self.loop_seconds = 0.0  # first step dispatched to last step done, everything included
 
   def start(self):
     self._since = time.perf_counter()
+
+  @contextlib.contextmanager
+  def section(self, name: str):
+    began = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.sections[name] += time.perf_counter() - began
 
   @contextlib.contextmanager
   def excluding(self, name: str):
@@ -429,6 +471,18 @@ class _StepTimer:
   def rate(self) -> float:
     elapsed = self._elapsed + (time.perf_counter() - self._since if self._since else 0.0)
     return self.steps / elapsed if elapsed > 0 else 0.0
+
+
+@dataclasses.dataclass
+class LoopProbe:
+  """What ``train_and_evaluate(..., probe=...)`` leaves for a benchmark of its loop: the
+  compiled train step and its key, every device batch the loop fed it (in order), the state
+  after the last step, and the loop's timer."""
+  step_fn: Optional[Callable] = None
+  rng: Optional[jax.Array] = None
+  batches: list = dataclasses.field(default_factory=list)
+  state: Any = None
+  timer: Optional[LoopTimer] = None
 
 
 def _host_metrics(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple[int, dict]]:
@@ -452,8 +506,12 @@ def _append_jsonl(path: pathlib.Path, record: dict) -> None:
     f.write(json.dumps(record) + "\n")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Trains, selects the best dev checkpoint, scores it on test; returns the results dict."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       probe: Optional[LoopProbe] = None) -> dict:
+  """Trains, selects the best dev checkpoint, scores it on test; returns the results dict.
+
+  ``probe`` (benchmarks) is filled with the loop's compiled step, batches, state and timer.
+  """
   validate_config(config)
   if config.cpu_threefry and jax.default_backend() == "cpu":
     cpu_threefry.install()
@@ -490,11 +548,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   iterator = iter(data.train)
   metrics_log = workdir / METRICS_LOG
 
-  with checkpoint.TrainCheckpointer(
-      workdir, config.to_dict(), save_every_steps=config.checkpoint_every_steps,
-      keep_latest=config.keep_checkpoints, best_metric="f1",
-      resume_ignore_keys=RESUME_IGNORE_KEYS) as ckpt, summary_writer.SummaryWriter(
-          workdir, enabled=config.tensorboard and jax.process_index() == 0) as summaries:
+  with contextlib.ExitStack() as cleanup:
+    ckpt = cleanup.enter_context(checkpoint.TrainCheckpointer(
+        workdir, config.to_dict(), save_every_steps=config.checkpoint_every_steps,
+        keep_latest=config.keep_checkpoints, best_metric="f1",
+        resume_ignore_keys=RESUME_IGNORE_KEYS))
+    summaries = cleanup.enter_context(summary_writer.SummaryWriter(
+        workdir, enabled=config.tensorboard and jax.process_index() == 0))
     restored = ckpt.restore_latest(sharding.with_shardings(state, shardings))
     first_step = 0
     if restored is not None:
@@ -538,45 +598,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     best_dev = None  # the dev scores of the best checkpoint, when this process evaluated it
     bar = tqdm.tqdm(total=total_steps, initial=first_step, disable=not config.progress_bar,
                     desc="train", unit="step", dynamic_ncols=True)
-    timer = _StepTimer()
+    timer = LoopTimer()
+    batches = cleanup.enter_context(DevicePrefetcher(
+        iterator, functools.partial(sharding.global_batch, mesh=mesh), depth=PREFETCH_DEPTH))
+    loop_began = time.perf_counter()
     timer.start()
     for step in range(first_step + 1, last_step + 1):
       ckpt.check_writes()
-      batch = sharding.global_batch(next(iterator), mesh)
+      with timer.section("input_wait"):
+        batch = next(batches)
+      if probe is not None:
+        probe.batches.append(batch)
       is_eval = step in evaluated
       is_log = step % config.log_every_steps == 0 or is_eval
       diagnostics = {}
       if diagnostics_fn is not None and is_log:  # before the step: the params it differentiates
         with timer.excluding("diagnostics"):
           diagnostics = jax.block_until_ready(diagnostics_fn(state, batch, train_rng))
-      state, step_metrics = step_fn(state, batch, train_rng)
+      with timer.section("dispatch"):
+        state, step_metrics = step_fn(state, batch, train_rng)
       pending.append((step, {**step_metrics, **diagnostics}))
       timer.steps += 1
       if is_log or ckpt.should_save(step):
-        logged = _host_metrics(pending)
-        pending = []
-        _check_finite(logged, last_saved)
-        for s, values in logged:
-          record = {**values, "learning_rate": {g: float(lr[s - 1]) for g, lr in
-                                                learning_rates.items()}}
-          _append_jsonl(metrics_log, {"step": s, **record})
-          summaries.scalars(s, record)
-        summaries.flush()
-        # The bar moves only here, where the steps are known to be done: its rate and ETA count
-        # completed steps, not dispatched ones.
-        bar.set_postfix(loss=f"{logged[-1][1]['loss']:.4f}", steps_per_s=f"{timer.rate():.2f}",
-                        refresh=False)
-        bar.update(step - bar.n)
-        if step == last_step:
-          bar.close()  # before the last evaluation, whose time is not a step's
+        with timer.section("device_wait"):
+          jax.block_until_ready(pending[-1][1])
+        with timer.section("logging"):
+          logged = _host_metrics(pending)
+          pending = []
+          _check_finite(logged, last_saved)
+          for s, values in logged:
+            record = {**values, "learning_rate": {g: float(lr[s - 1]) for g, lr in
+                                                  learning_rates.items()}}
+            _append_jsonl(metrics_log, {"step": s, **record})
+            summaries.scalars(s, record)
+          summaries.flush()
+          # The bar moves only here, where the steps are known to be done: its rate and ETA
+          # count completed steps, not dispatched ones.
+          bar.set_postfix(loss=f"{logged[-1][1]['loss']:.4f}",
+                          steps_per_s=f"{timer.rate():.2f}", refresh=False)
+          bar.update(step - bar.n)
+          if step == last_step:
+            bar.close()  # before the last evaluation, whose time is not a step's
       if is_eval:
         with timer.excluding("evaluation"):
           dev = evaluate(eval_fn, state, data.valid, scorer)
-        record = {"epoch": step / steps_per_epoch, "dev": _summary(dev)}
+        record = {"epoch": step / steps_per_epoch, "seconds": round(time.time() - start_time, 2),
+                  "dev": _summary(dev)}
         _append_jsonl(metrics_log, {"step": step, **record})
         summaries.scalars(step, record)
         summaries.flush()
-        with timer.excluding("checkpoint"):
+        with timer.excluding("checkpoint"), timer.section("checkpoint"):
           if ckpt.save_best(step, state.params, _summary(dev)):
             best_dev = dev
         bar.write(f"step {step}: dev F1 {dev['f1']:.4f} (best {ckpt.best['value']:.4f} at step "
@@ -587,11 +658,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                     "evaluations")
       # After the evaluation: a latest checkpoint of an evaluated step implies its best params.
       if ckpt.should_save(step) or step == last_step:
-        with timer.excluding("checkpoint"):
-          ckpt.save_latest(step, state, data_state=iterator.get_state(), rng=train_rng)
+        with timer.excluding("checkpoint"), timer.section("checkpoint"):
+          ckpt.save_latest(step, state, data_state=batches.get_state(), rng=train_rng)
         last_saved = step
       if step == last_step:
         break
+    jax.block_until_ready(state)
+    timer.loop_seconds = time.perf_counter() - loop_began
+    batches.close()
+    timer.sections.update({f"prefetch_{k}": t for k, t in batches.seconds.items()})
     bar.close()
     ckpt.wait_until_finished()
     best = ckpt.best
@@ -630,6 +705,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     write_test_predictions(workdir / TEST_PREDICTIONS_FILE, config.task, scorer,
                            list(data.test.examples), test_predictions)
     (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+  if probe is not None:
+    probe.step_fn, probe.rng, probe.state, probe.timer = step_fn, train_rng, state, timer
   return results
 
 

@@ -34,6 +34,9 @@ def test_defaults_with_a_data_dir_are_valid():
     ("mesh.fsdp", -2, "config.mesh.fsdp=-2"),
     ("mesh.data", 3, r"config.batch_size=16 does not split over config.mesh.data x "
                      r"config.mesh.fsdp = 3 devices"),
+    ("max_buckets", -1, r"config.max_buckets=-1 must be an int >= 0"),
+    ("bucket_multiple", 0, r"config.bucket_multiple=0 must be an int >= 1"),
+    ("bucket_multiple", 256, r"config.bucket_multiple=256 exceeds config.max_length=128"),
 ])
 def test_impossible_values_name_the_key(key, value, pattern):
   config = _valid()

@@ -291,3 +291,15 @@ def test_bad_arguments_are_named(mner_encoder, twitter_valid):
     BatchPipeline(twitter_valid, mner_encoder, batch_size=8, shard_index=2, shard_count=2)
   with pytest.raises(ValueError, match="make no batch of 64 rows"):
     BatchPipeline(twitter_valid[:10], mner_encoder, batch_size=64, drop_remainder=True)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_padded_token_fraction_counts_the_padding_of_the_batches(mner_encoder, twitter_valid,
+                                                                  training):
+  pipeline = BatchPipeline(twitter_valid, mner_encoder, batch_size=16, shuffle=training,
+                           drop_remainder=training, buckets=(Bucket(32, 24), Bucket(48, 40),
+                                                             Bucket(128, 64)))
+  batches = [pipeline.batch(i) for i in range(pipeline.report.batches_per_epoch)]
+  real = sum(int(b["attention_mask"].sum()) for b in batches)
+  positions = sum(b["attention_mask"].size for b in batches)
+  assert pipeline.report.padded_token_fraction == pytest.approx(1 - real / positions, abs=1e-4)

@@ -232,3 +232,56 @@ def test_a_word_cut_mid_piece_is_dropped_whole(minilm_dir):
   assert fit.text == fit.words * per_word <= 61 and fit.context == 61 - fit.text >= 0
   row = encoder.row(example, pieces, Bucket(64, 64))
   assert row["num_words"] == fit.words and row["attention_mask"].sum() <= 64
+
+
+def _ladder_cost(ladder, lengths, max_length):
+  need = np.minimum(lengths, max_length)
+  return int(np.sum(np.asarray(ladder)[np.searchsorted(ladder, need)]))
+
+
+def _brute_force_ladder_cost(lengths, max_length, multiple, max_buckets, min_examples):
+  """The least padded size over every admissible ladder, enumerated."""
+  import itertools
+  need = np.minimum(lengths, max_length)
+  candidates = list(range(multiple, max_length, multiple))
+  best = None
+  for count in range(max_buckets):
+    for smaller in itertools.combinations(candidates, count):
+      ladder = (*smaller, max_length)
+      lower = [0, *ladder[:-1]]
+      takes = [int(np.sum((need > lo) & (need <= hi))) for lo, hi in zip(lower, ladder)]
+      if any(t < min_examples for t in takes[:-1]):
+        continue
+      cost = _ladder_cost(ladder, lengths, max_length)
+      best = cost if best is None else min(best, cost)
+  return best
+
+
+@pytest.mark.parametrize("seed, max_length, multiple, max_buckets, min_examples", [
+    (0, 64, 8, 3, 1), (1, 64, 8, 4, 10), (2, 100, 16, 2, 1), (3, 128, 8, 5, 16),
+    (4, 40, 8, 8, 1), (5, 64, 8, 1, 1)])
+def test_bucket_ladder_pads_as_little_as_the_best_enumerated_ladder(
+    seed, max_length, multiple, max_buckets, min_examples):
+  rng = np.random.default_rng(seed)
+  lengths = np.concatenate([rng.normal(30, 8, 300), rng.integers(5, 2 * max_length, 20)])
+  lengths = np.maximum(lengths.astype(int), 3)
+  ladder = tokenization.bucket_ladder(lengths, max_length=max_length, multiple=multiple,
+                                      max_buckets=max_buckets, min_examples=min_examples)
+  assert len(ladder) <= max_buckets and ladder[-1] == max_length
+  assert list(ladder) == sorted(set(ladder))
+  assert all(s % multiple == 0 for s in ladder[:-1])
+  need = np.minimum(lengths, max_length)
+  lower = [0, *ladder[:-1]]
+  assert all(np.sum((need > lo) & (need <= hi)) >= min_examples
+             for lo, hi in zip(lower[:-1], ladder[:-1]))
+  assert _ladder_cost(ladder, lengths, max_length) == _brute_force_ladder_cost(
+      lengths, max_length, multiple, max_buckets, min_examples)
+
+
+def test_ladder_buckets_give_each_bucket_the_words_of_its_inputs():
+  lengths = [10, 30, 31, 60, 200]
+  words = [9, 3, 20, 40, 70]
+  assert tokenization.ladder_buckets((32, 64, 128), lengths, words) == (
+      Bucket(32, 24), Bucket(64, 40), Bucket(128, 72))
+  # Word slots never exceed the positions left after [CLS] and [SEP].
+  assert tokenization.ladder_buckets((16,), [12], [15]) == (Bucket(16, 14),)

@@ -3,9 +3,10 @@
 Batches are planned once per epoch from the seed alone: shuffle the examples, group them by
 length bucket, cut each group into global batches of `batch_size * shard_count` rows, shuffle
 the batch order. Every process computes the same plan and keeps its own `batch_size` rows of
-each global batch, so all processes see the same bucket (shape) at every step. Tokenisation
-and layout happen in the grain map, batch by batch; the iterator's `get_state`/`set_state`
-resume a killed run at the same batch of the same order.
+each global batch, so all processes see the same bucket (shape) at every step. Each example
+always lands in the same bucket, so it is tokenised and laid out once, when the pipeline is
+built; a batch is then one gather per field (and its images, loaded in the grain map). The
+iterator's `get_state`/`set_state` resume a killed run at the same batch of the same order.
 
 Batch fields (B rows, L tokens, W words of the batch's bucket): see `tokenization.Encoder.row`
 plus `image_group` (same value <=> same image), `example_index` (index into `examples`, -1 on
@@ -38,6 +39,9 @@ class PipelineReport:
   context_truncated: int
   text_truncated: int
   grid_conflicts: int
+  # Share of the token positions of an epoch's batches (epoch 0 when batches are dropped) that
+  # are padding: padding rows and the positions after each input.
+  padded_token_fraction: float = 0.0
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -100,10 +104,12 @@ class BatchPipeline:
     self.shard_count = shard_count
     self.image_loader = image_loader
     self.image_dir = None if image_dir is None else pathlib.Path(image_dir)
-    self._bucket_of, self._image_keys, self.report = self._measure()
+    (self._bucket_of, self._image_keys, self._tables, self._slot, self.report,
+     tokens_of) = self._measure()
     if self.report.batches_per_epoch == 0:
       raise ValueError(f"{len(examples)} examples make no batch of {self._global_size} rows "
                        "with drop_remainder=True")
+    self.report.padded_token_fraction = self._padded_fraction(tokens_of)
     self._image_shape = self._load_image(0).shape if image_loader else None
     worrying = self.report.text_truncated or self.report.missing_context
     (logging.warning if worrying else logging.info)("batch pipeline: %s", self.report.as_dict())
@@ -121,14 +127,24 @@ class BatchPipeline:
     """A grain `DatasetIterator`: `get_state()` / `set_state(state)` resume mid-epoch."""
     return iter(self.dataset)
 
-  def _measure(self) -> tuple[np.ndarray, list[str], PipelineReport]:
-    """One pass over the examples: bucket and image key of each, and the report."""
+  def _measure(self):
+    """One pass over the examples: the bucket, image key and laid-out row of each, and the
+    report. Rows are kept per bucket as one array per field (`tables[b]`), the example's row at
+    `slot[i]` of its bucket's table and a padding row last."""
     examples = list(self.examples)  # a TFDS source decodes on every access: read it once
     pieces = self.encoder.pieces(examples)
     bucket_of = np.array([self.encoder.bucket(p, self.buckets) for p in pieces], np.int32)
     fits = [self.encoder.fit(p, self.buckets[b]) for p, b in zip(pieces, bucket_of)]
     sizes = np.bincount(bucket_of, minlength=len(self.buckets))
     batches = sizes // self._global_size if self.drop_remainder else -(-sizes // self._global_size)
+    slot = np.zeros(len(examples), np.int64)
+    tables = []
+    for b, bucket in enumerate(self.buckets):
+      members = np.flatnonzero(bucket_of == b)
+      slot[members] = np.arange(len(members))
+      rows = [self.encoder.row(examples[i], pieces[i], bucket) for i in members]
+      rows.append(self.encoder.empty_row(bucket))
+      tables.append({k: np.stack([r[k] for r in rows]) for k in rows[-1]})
     grid_conflicts = 0
     if self.encoder.task == "jmere":
       grid_conflicts = sum(tokenization.example_grid(e, f.words).conflicts
@@ -142,7 +158,14 @@ class BatchPipeline:
         context_truncated=sum(1 for p, f in zip(pieces, fits) if f.context < len(p.context_ids)),
         text_truncated=sum(1 for p, f in zip(pieces, fits) if f.words < len(p.word_starts)),
         grid_conflicts=grid_conflicts)
-    return bucket_of, [image_key(e.image_id) for e in examples], report
+    specials = 3 if self.encoder.uses_context else 2
+    tokens_of = np.array([specials + f.text + f.context for f in fits], np.int64)
+    return bucket_of, [image_key(e.image_id) for e in examples], tables, slot, report, tokens_of
+
+  def _padded_fraction(self, tokens_of: np.ndarray) -> float:
+    positions = sum(self._global_size * self.buckets[b].tokens for b, _ in self.plan(0))
+    real = sum(int(tokens_of[members].sum()) for _, members in self.plan(0))
+    return round(1.0 - real / positions, 4)
 
   @functools.lru_cache(maxsize=2)
   def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
@@ -166,7 +189,7 @@ class BatchPipeline:
     b, members = self._planned(index)
     rows = np.full(self._global_size, -1, np.int64)
     rows[:len(members)] = members
-    return self._assemble(self.buckets[b], rows)
+    return self._assemble(b, rows)
 
   def bucket_index(self, index: int) -> int:
     """The bucket (index into `buckets`) of batch `index` of the whole run."""
@@ -175,24 +198,21 @@ class BatchPipeline:
   def padding_batch(self, bucket_index: int) -> dict[str, np.ndarray]:
     """A batch of bucket `bucket_index` made of padding rows only: the shapes and dtypes of
     that bucket's batches, e.g. to compile a step for it before the first real batch."""
-    return self._assemble(self.buckets[bucket_index], np.full(self._global_size, -1, np.int64))
+    return self._assemble(bucket_index, np.full(self._global_size, -1, np.int64))
 
   def _planned(self, index: int) -> tuple[int, np.ndarray]:
     epoch, step = divmod(index, self.report.batches_per_epoch)
     return self.plan(epoch)[step]
 
-  def _assemble(self, bucket: Bucket, rows: np.ndarray) -> dict[str, np.ndarray]:
+  def _assemble(self, bucket_index: int, rows: np.ndarray) -> dict[str, np.ndarray]:
     """The batch of global `rows` (example indices, -1 for padding), this process's share."""
     groups = _image_groups([self._image_keys[i] if i >= 0 else None for i in rows])
     mine = slice(self.shard_index * self.batch_size, (self.shard_index + 1) * self.batch_size)
     rows, groups = rows[mine], groups[mine]
-    real = [int(i) for i in rows if i >= 0]
-    examples = [self.examples[i] for i in real]
-    laid_out = iter([self.encoder.row(e, p, bucket)
-                     for e, p in zip(examples, self.encoder.pieces(examples))])
-    empty = self.encoder.empty_row(bucket)
-    per_row = [next(laid_out) if i >= 0 else empty for i in rows]
-    batch = {k: np.stack([r[k] for r in per_row]) for k in empty}
+    table = self._tables[bucket_index]
+    padding = len(table["num_words"]) - 1
+    at = np.where(rows >= 0, self._slot[np.maximum(rows, 0)], padding)
+    batch = {k: v[at] for k, v in table.items()}
     batch["image_group"] = groups
     batch["example_index"] = rows.astype(np.int32)
     batch["valid"] = rows >= 0

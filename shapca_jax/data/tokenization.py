@@ -54,6 +54,63 @@ class Bucket:
 DEFAULT_BUCKETS = (Bucket(64, 32), Bucket(128, 48), Bucket(256, 64))
 
 
+def bucket_ladder(lengths: Sequence[int], *, max_length: int, multiple: int, max_buckets: int,
+                  min_examples: int = 1) -> tuple[int, ...]:
+  """Token sizes of at most `max_buckets` buckets that pad `lengths` the least.
+
+  The sizes are multiples of `multiple` below `max_length`, and `max_length` itself, which is
+  always the last (inputs longer than it are truncated into it). An example goes to the
+  smallest size that holds it; the padded positions to minimise are the sum of those sizes.
+  Every size but the last must take at least `min_examples` examples (a global batch: fewer
+  would make no training batch). Exact, by dynamic programming over the candidate sizes.
+  """
+  if max_buckets < 1 or multiple < 1 or max_length < 1:
+    raise ValueError(f"expected max_buckets, multiple and max_length >= 1, got {max_buckets}, "
+                     f"{multiple}, {max_length}")
+  need = np.minimum(np.asarray(lengths, np.int64), max_length)
+  sizes = [s for s in range(multiple, max_length, multiple)] + [max_length]
+  # held[j]: examples that fit sizes[j] (cumulative); a bucket from sizes[i] (exclusive) to
+  # sizes[j] takes held[j] - held[i] examples at sizes[j] positions each.
+  held = np.array([0] + [int(np.sum(need <= s)) for s in sizes])
+  top = len(sizes)
+  best = {(0, 0): 0}  # (buckets used, index in [0] + sizes of the last size taken) -> padded size
+  parent = {}
+  for used in range(max_buckets):
+    for (u, i), cost in sorted(best.items()):
+      if u != used:
+        continue
+      for j in range(i + 1, top + 1):
+        taken = held[j] - held[i]
+        if j < top and taken < min_examples:
+          continue
+        key, total = (used + 1, j), cost + taken * ([0] + sizes)[j]
+        if total < best.get(key, np.inf):
+          best[key], parent[key] = total, (u, i)
+  ends = [k for k in best if k[1] == top]
+  key = min(ends, key=lambda k: (best[k], k[0]))
+  ladder = []
+  while key != (0, 0):
+    ladder.append(([0] + sizes)[key[1]])
+    key = parent[key]
+  return tuple(reversed(ladder))
+
+
+def ladder_buckets(token_sizes: Sequence[int], lengths: Sequence[int],
+                   word_counts: Sequence[int], *, word_multiple: int = 8) -> tuple[Bucket, ...]:
+  """Buckets of the given token sizes whose word slots hold every example that lands in them:
+  the most words of those examples, rounded up to `word_multiple`, at most `tokens - 2`."""
+  lengths, word_counts = np.asarray(lengths), np.asarray(word_counts)
+  buckets, lower = [], 0
+  for i, tokens in enumerate(token_sizes):
+    last = i == len(token_sizes) - 1
+    members = (lengths > lower) & ((lengths <= tokens) | last)
+    most = int(word_counts[members].max()) if members.any() else 1
+    words = min(-(-most // word_multiple) * word_multiple, tokens - 2)
+    buckets.append(Bucket(tokens, max(words, 1)))
+    lower = tokens
+  return tuple(buckets)
+
+
 class Pieces(NamedTuple):
   """The untruncated word pieces of one example (no special tokens).
 
