@@ -765,7 +765,7 @@ def alignment_summary(metrics_log: pathlib.Path, steps_per_epoch: int, last_step
                          if last_epoch else None,
       "last_epoch_log_steps": len(last_epoch),
       "at_evaluations": {str(step): d for step, d in sorted(logged.items())
-                         if step % steps_per_epoch == 0 or step == total_steps},
+                         if step in evaluated},
   }
 
 

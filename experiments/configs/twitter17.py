@@ -33,7 +33,4 @@ def get_config():
   config.dataset = "twitter2017"
   config.data_dir = str(REPO_ROOT / "data")
   config.contexts = "blip2"
-  # A ladder of 4 token sizes from the length histogram pads BLIP-2 inputs (31 tokens on
-  # average) far less than the fixed 64-token bucket (docs/loop.md).
-  config.max_buckets = 4
   return config
