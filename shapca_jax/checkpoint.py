@@ -42,6 +42,7 @@ import fnmatch
 import json
 import logging
 import math
+from types import MappingProxyType
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 from etils import epath
@@ -179,8 +180,14 @@ def flatten_config(config: Any) -> dict[str, Any]:
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
-                       ignore: Iterable[str] = ()) -> list[str]:
-  """Human-readable lines naming every flat key whose value differs (fnmatch ``ignore``)."""
+                       ignore: Iterable[str] = (),
+                       defaults: Mapping[str, Any] = MappingProxyType({})) -> list[str]:
+  """Human-readable lines naming every flat key whose value differs (fnmatch ``ignore``).
+
+  A key the checkpoint lacks is no difference when its value is its entry in ``defaults``: a
+  key added to the schema since the checkpoint was written, whose default keeps the behaviour
+  the checkpoint was written with.
+  """
   ignore = tuple(ignore)
   lines = []
   for key in sorted(set(saved) | set(current)):
@@ -189,6 +196,8 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
     if key not in current:
       lines.append(f"{key} (only in the checkpoint: {saved[key]!r})")
     elif key not in saved:
+      if key in defaults and defaults[key] == current[key]:
+        continue
       lines.append(f"{key} (not in the checkpoint; now {current[key]!r})")
     elif saved[key] != current[key]:
       lines.append(f"{key} (checkpoint {saved[key]!r}, now {current[key]!r})")
@@ -433,7 +442,9 @@ class TrainCheckpointer:
 
   def __init__(self, workdir: Union[str, epath.Path], config: Any, *, save_every_steps: int,
                keep_latest: int = 2, best_metric: str = "f1", best_mode: str = "max",
-               resume_ignore_keys: Iterable[str] = (), async_save: bool = True):
+               resume_ignore_keys: Iterable[str] = (),
+               schema_defaults: Mapping[str, Any] = MappingProxyType({}),
+               async_save: bool = True):
     """Opens (creating if needed) ``workdir/checkpoints`` and checks it against ``config``.
 
     Args:
@@ -446,6 +457,8 @@ class TrainCheckpointer:
       best_mode: ``"max"`` or ``"min"``.
       resume_ignore_keys: flat config keys (fnmatch patterns, e.g. ``"log_every"``,
         ``"eval.*"``) that may change between a run and its resumption.
+      schema_defaults: flat config keys and their defaults; a key the stored config lacks may
+        hold its default (see ``config_differences``).
       async_save: write checkpoints in a background thread.
 
     Raises:
@@ -458,6 +471,7 @@ class TrainCheckpointer:
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     self._config = flatten_config(config)
+    self._schema_defaults = flatten_config(schema_defaults)
     self._requested: dict[Any, int] = {}  # manager directory -> step whose write is pending
     self._save_every = save_every_steps
     self._best_metric = best_metric
@@ -482,7 +496,8 @@ class TrainCheckpointer:
       newest = self._newest_readable(manager, lambda s, m=manager: _read_meta(m, s))
       if newest is not None:
         step, meta = newest
-        differences = config_differences(meta["config"], self._config, ignore)
+        differences = config_differences(meta["config"], self._config, ignore,
+                                         self._schema_defaults)
         if differences:
           raise IncompatibleCheckpointError(
               f"{manager.directory} holds step {step} written with a different config; "

@@ -44,7 +44,7 @@ from shapca_jax import sharding
 from shapca_jax import steps
 from shapca_jax import summary_writer
 from shapca_jax import wordpair
-from shapca_jax.config import separate_views, validate_config
+from shapca_jax.config import default_config, separate_views, validate_config
 from shapca_jax.data import builders, images, labels, readers, tokenization
 from shapca_jax.data.pipeline import BatchPipeline
 from shapca_jax.data.readers import Example
@@ -552,7 +552,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     ckpt = cleanup.enter_context(checkpoint.TrainCheckpointer(
         workdir, config.to_dict(), save_every_steps=config.checkpoint_every_steps,
         keep_latest=config.keep_checkpoints, best_metric="f1",
-        resume_ignore_keys=RESUME_IGNORE_KEYS))
+        resume_ignore_keys=RESUME_IGNORE_KEYS, schema_defaults=default_config().to_dict()))
     summaries = cleanup.enter_context(summary_writer.SummaryWriter(
         workdir, enabled=config.tensorboard and jax.process_index() == 0))
     restored = ckpt.restore_latest(sharding.with_shardings(state, shardings))

@@ -211,6 +211,18 @@ def test_incompatible_config_names_the_keys(tmp_path):
     assert ckpt.restore_latest({"w": jnp.zeros(2)}).step == 2
 
 
+def test_a_key_added_to_the_schema_resumes_at_its_default_only(tmp_path):
+  with _open(tmp_path) as ckpt:
+    ckpt.save_latest(2, {"w": jnp.ones(2)})
+  defaults = {**CONFIG, "model": {**CONFIG["model"], "new_switch": False}}
+  with _open(tmp_path, config=defaults, schema_defaults=defaults) as ckpt:
+    assert ckpt.restore_latest({"w": jnp.zeros(2)}).step == 2
+  changed = {**CONFIG, "model": {**CONFIG["model"], "new_switch": True}}
+  with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                     match=r"model.new_switch \(not in the checkpoint; now True\)"):
+    _open(tmp_path, config=changed, schema_defaults=defaults)
+
+
 def test_nothing_is_silently_overwritten(tmp_path):
   with _open(tmp_path) as ckpt:
     ckpt.save_latest(4, {"w": jnp.ones(2)})
