@@ -43,7 +43,7 @@ from safetensors.numpy import load_file, save_file
 
 from shapca_jax import checkpoint, train, wordpair
 from shapca_jax import config as config_lib
-from shapca_jax.data import images, readers, tokenization
+from shapca_jax.data import errors, images, readers, tokenization
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.json"
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = export_run(args.workdir, args.out, overwrite=args.overwrite)
   except (ExportError, FileNotFoundError, ValueError) as err:
     print(f"error: {err}", file=sys.stderr)
-    return 1
+    return errors.USAGE_EXIT_CODE
   print(json.dumps(summary))
   return 0
 

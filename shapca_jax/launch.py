@@ -15,7 +15,7 @@ import jax
 
 from shapca_jax import checkpoint
 from shapca_jax.config import ConfigError, default_config, flat_keys
-from shapca_jax.data.errors import DataFormatError
+from shapca_jax.data.errors import USAGE_EXIT_CODE, DataFormatError
 from shapca_jax.train import train_and_evaluate
 
 # Errors a user causes (bad files, a bad config, a workdir of another run, a missing folder, a
@@ -23,7 +23,6 @@ from shapca_jax.train import train_and_evaluate
 USER_ERRORS = (DataFormatError, ConfigError, checkpoint.IncompatibleCheckpointError,
                checkpoint.UnreadableCheckpointError, checkpoint.CheckpointWriteError,
                FileNotFoundError)
-USAGE_EXIT_CODE = 2
 DEBUG_ENV = "SHAPCA_DEBUG"  # set to 1 (or pass --debug) for tracebacks of user errors too
 
 

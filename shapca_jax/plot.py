@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 import numpy as np
 
+from shapca_jax.data import errors
 from shapca_jax.data.errors import DataFormatError, read_lines, where
 
 DPI = 100
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
       out = training_curves(metrics, args.out, **size)
   except (DataFormatError, ValueError) as err:
     print(f"error: {err}", file=sys.stderr)
-    return 1
+    return errors.USAGE_EXIT_CODE
   print(out)
   return 0
 

@@ -51,7 +51,7 @@ import jax
 import numpy as np
 
 from shapca_jax import export, shapley, wordpair
-from shapca_jax.data import images, labels
+from shapca_jax.data import errors, images, labels
 from shapca_jax.data.errors import DataFormatError, check_json_nesting, read_lines, where
 from shapca_jax.data.labels import Span
 from shapca_jax.data.pipeline import BatchPipeline
@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     records, report = predictor.predict(queries, explain=args.explain)
   except (DataFormatError, export.ExportError, FileNotFoundError, ValueError) as err:
     print(f"error: {err}", file=sys.stderr)
-    return 1
+    return errors.USAGE_EXIT_CODE
   _write(records, args.output)
   print(json.dumps(report), file=sys.stderr)
   return 0

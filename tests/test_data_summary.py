@@ -75,13 +75,13 @@ def test_inspect_reports_missing_contexts_or_stops_on_them(tmp_path, capsys):
   assert main(args) == 0
   blip2 = json.loads(capsys.readouterr().out)["splits"]["train"]["contexts"]["blip2"]
   assert (blip2["missing"], blip2["coverage"], blip2["crlf_lines"]) == (1, 0.5, 1)
-  assert main(args + ["--missing_context", "error"]) == 1
+  assert main(args + ["--missing_context", "error"]) == 2
   assert "1 of 2 examples have no context" in capsys.readouterr().err
 
 
 def test_inspect_names_a_missing_data_folder(tmp_path, capsys):
   (tmp_path / "twitter2017").mkdir()
   (tmp_path / "twitter2017" / "train.txt").write_text("IMGID:1\nA\tO\n")
-  assert main(["inspect", "twitter2017", "--data_dir", str(tmp_path), "--contexts", "blip2"]) == 1
+  assert main(["inspect", "twitter2017", "--data_dir", str(tmp_path), "--contexts", "blip2"]) == 2
   expected = f"{tmp_path}/twitter2017/contexts/blip2.txt: cannot read the file"
   assert expected in capsys.readouterr().err

@@ -153,7 +153,7 @@ def test_unfinished_run_and_existing_folder_are_refused(run, tmp_path):
 
   (tmp_path / "model").mkdir()
   args = ["--workdir", str(workdir), "--out", str(tmp_path / "model")]
-  assert export.main(args) == 1
+  assert export.main(args) == 2
   assert export.main(args + ["--overwrite"]) == 0
   assert (tmp_path / "model" / export.PARAMS_FILE).is_file()
   assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left

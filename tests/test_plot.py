@@ -48,7 +48,7 @@ def test_phi_heat_map_is_a_png_of_the_stated_size(tmp_path):
   blue = (pixels[..., 2] > 150) & (pixels[..., 0] < 100)
   assert red.any() and blue.any()  # both signs of phi are drawn
 
-  assert plot.main(["phi", "--predictions", str(path), "--batch", "5", "--out", str(out)]) == 1
+  assert plot.main(["phi", "--predictions", str(path), "--batch", "5", "--out", str(out)]) == 2
 
 
 def test_heat_map_rejects_mismatched_labels(tmp_path):

@@ -285,7 +285,7 @@ def test_command_line_errors_and_missing_contexts(tiny_run, tmp_path, capsys, pr
   model = str(tiny_run["exported"].directory)
   path = tmp_path / "in.jsonl"
   path.write_text('{"text": "a b", "context": "c"}\n{"text": "no context here"}\n')
-  assert predict.main(["--model", model, "--input", str(path)]) == 1
+  assert predict.main(["--model", model, "--input", str(path)]) == 2
   assert "in.jsonl:2: no context" in capsys.readouterr().err
   queries = predict.read_queries(path)
   with pytest.raises(DataFormatError, match="in.jsonl:2: no context"):

@@ -12,6 +12,7 @@ import json
 import sys
 
 from shapca_jax.data import readers, summary
+from shapca_jax.data import errors
 from shapca_jax.data.errors import DataFormatError
 
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                                tokenizer_dir=args.tokenizer, missing_context=args.missing_context)
   except (DataFormatError, FileNotFoundError, ValueError) as err:
     print(f"error: {err}", file=sys.stderr)
-    return 1
+    return errors.USAGE_EXIT_CODE
   print(json.dumps(result, indent=1))
   return 0
 

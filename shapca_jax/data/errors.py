@@ -18,6 +18,11 @@ _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _OPERATORS = re.compile(r"[-+~*/%@&|^<>!]")
 
 
+# The exit status of every command-line tool after an expected user error (bad files, flags,
+# config), told apart from a crash (1).
+USAGE_EXIT_CODE = 2
+
+
 class DataFormatError(ValueError):
   """A data or context file does not hold what its format promises."""
 
