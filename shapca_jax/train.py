@@ -613,6 +613,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       is_log = step % config.log_every_steps == 0 or is_eval
       diagnostics = {}
       if diagnostics_fn is not None and is_log:  # before the step: the params it differentiates
+        with timer.section("device_wait"):  # the steps still queued are loop time, not theirs
+          jax.block_until_ready(state)
         with timer.excluding("diagnostics"):
           diagnostics = jax.block_until_ready(diagnostics_fn(state, batch, train_rng))
       with timer.section("dispatch"):
