@@ -580,9 +580,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     compile_began = time.perf_counter()
     jitted_step = sharding.jit_train_step(
         functools.partial(steps.train_step, align=config.align), mesh, shardings)
-    step_fn = compile_per_bucket(
-        jitted_step, state, _padding_batches(data.train, range(first_step, total_steps), mesh),
-        train_rng)
+    # The shapes of the batches this run still trains on (up to its stop, not the schedule's end).
+    train_shapes = _padding_batches(data.train, range(first_step, last_step), mesh)
+    step_fn = compile_per_bucket(jitted_step, state, train_shapes, train_rng)
     eval_fn = mesh_eval_fn(mesh, shardings, state, (data.valid, data.test))
     diagnostics_fn = None
     if config.align.kind != "none":
@@ -591,7 +591,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                   in_shardings=(shardings, sharding.batch_sharding(mesh),
                                 sharding.replicated(mesh)),
                   out_shardings=sharding.replicated(mesh)),
-          state, _padding_batches(data.train, range(first_step, total_steps), mesh), train_rng)
+          state, train_shapes, train_rng)
     compile_seconds = time.perf_counter() - compile_began
 
     pending: list[tuple[int, dict]] = []
