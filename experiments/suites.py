@@ -88,4 +88,19 @@ SUITES = {s.name: s for s in (
               Row("none", {**T17, "align.kind": "none"}, (0,), same_as="ablation-t17/blip2-none")),
         comparisons=(("joint-0.1", "none"), ("separate-0.1", "none"), ("separate-0.1", "joint-0.1"),
                      ("joint-1.0", "joint-0.1"), ("separate-1.0", "separate-0.1"))),
+    Suite(
+        "msens-t17",
+        "How do Twitter-2017 F1 and step time depend on the number M of Monte Carlo "
+        "permutations? (the estimator's error against exact Shapley is msens-t17-estimator.md)",
+        rows=(Row("m1", {**T17, "align.num_permutations": 1}, (0, 1)),
+              Row("m4", {**T17, "align.num_permutations": 4}, (0, 1)),
+              Row("m32", dict(T17), (0, 1), same_as="ablation-t17/blip2-shapley")),
+        comparisons=(("m1", "m32"), ("m4", "m32"))),
+    Suite(
+        "ladder-t17",
+        "Does the bucket ladder (max_buckets=4: less padding, a different grouping of examples "
+        "into batches, so other in-batch negatives) change the main config's Twitter-2017 F1?",
+        rows=(Row("fixed", dict(T17), SEEDS3, same_as="ablation-t17/blip2-shapley"),
+              Row("ladder-4", {**T17, "max_buckets": 4}, SEEDS3)),
+        comparisons=(("ladder-4", "fixed"),)),
 )}

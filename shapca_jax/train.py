@@ -592,6 +592,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                 sharding.replicated(mesh)),
                   out_shardings=sharding.replicated(mesh)),
           state, train_shapes, train_rng)
+    ckpt.compile_checks(state, state.params)
     compile_seconds = time.perf_counter() - compile_began
 
     pending: list[tuple[int, dict]] = []

@@ -249,6 +249,28 @@ def test_non_finite_state_is_refused(tmp_path):
   assert _steps_on_disk(tmp_path, "best") == []
 
 
+def test_saves_compile_nothing_after_compile_checks(tmp_path):
+  """The NaN/inf check is compiled beside the train step, not inside the loop's first save."""
+  compiled = []
+
+  def listener(event, seconds, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(seconds)
+
+  # Leaf shapes no other test uses, so nothing is already in the compilation cache.
+  state = {"w": jnp.ones((3, 5, 7)), "b": jnp.zeros((11,)), "step": jnp.int32(2)}
+  with _open(tmp_path) as ckpt:
+    ckpt.compile_checks(state, {"w": state["w"]})
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+      ckpt.save_latest(2, state)
+      ckpt.save_best(2, {"w": state["w"]}, {"f1": 0.5})
+      ckpt.wait_until_finished()
+    finally:
+      jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiled == []
+
+
 def test_data_state_from_another_process_count_is_an_error(tmp_path):
   with _open(tmp_path) as ckpt:
     ckpt.save_latest(2, {"w": jnp.ones(2)}, data_state={"pos": 1})
