@@ -6,6 +6,9 @@ percentile bootstrap interval. Each bootstrap replicate resamples the test examp
 replacement once and applies that resample to every run of both rows (paired by example and by
 seed), recomputing each run's micro F1 from its per-example counts; the interval therefore
 covers test-set sampling, pooled over the seeds, and the seed-to-seed spread shows in the std.
+
+A ``dev_only`` suite (one that chooses a setting) shows dev F1 and dev differences only, and
+the test F1 of its ``chosen`` row once one is named.
 """
 
 import collections
@@ -60,14 +63,24 @@ def _mean_std(values: list[float]) -> str:
   return f"{values.mean():.2f}{std}"
 
 
+def _test_cell(suite: suites_lib.Suite, row: str, lines: list[dict[str, Any]]) -> str:
+  if suite.dev_only and row != suite.chosen:
+    return "not shown"
+  return _mean_std([l["test"]["f1"] for l in lines])
+
+
 def tables(suite: suites_lib.Suite, results_dir: pathlib.Path, resamples: int) -> str:
   rows = _by_row(suite_lib.read_lines(results_dir, suite.name))
   out = [f"# Suite `{suite.name}`", "", suite.question, "",
          f"Made by `python experiments/suite.py run {suite.name}` then "
          f"`python experiments/suite.py report {suite.name}`; protocol: "
-         "[PROTOCOL.md](PROTOCOL.md). F1 in %, mean ± sample std over seeds.", "",
-         "| row | overrides | seeds | dev F1 | test F1 | best / last epoch | steps/s | peak RSS MiB |",
-         "|---|---|---|---|---|---|---|---|"]
+         "[PROTOCOL.md](PROTOCOL.md). F1 in %, mean ± sample std over seeds.", ""]
+  if suite.dev_only:
+    out += ["Test F1 is not shown for this suite, which chooses on dev; "
+            + (f"the chosen row is `{suite.chosen}`." if suite.chosen else "no row is chosen yet."),
+            ""]
+  out += ["| row | overrides | seeds | dev F1 | test F1 | best / last epoch | steps/s | peak RSS MiB |",
+          "|---|---|---|---|---|---|---|---|"]
   for row in suite.rows:
     runs = rows.get(row.name, {})
     if not runs:
@@ -81,10 +94,18 @@ def tables(suite: suites_lib.Suite, results_dir: pathlib.Path, resamples: int) -
     out.append(
         f"| {row.name} | `{' '.join(suite_lib.flags(row.overrides))}` | {len(lines)} of "
         f"{len(row.seeds)} | {_mean_std([l['dev']['f1'] for l in lines])} | "
-        f"{_mean_std([l['test']['f1'] for l in lines])} | {best_epochs} | "
+        f"{_test_cell(suite, row.name, lines)} | {best_epochs} | "
         f"{np.mean([l['steps_per_second'] for l in lines]):.2f} | "
         f"{f'{max(rss):.0f}' if rss else ''} |")
-  if suite.comparisons:
+  if suite.comparisons and suite.dev_only:
+    out += ["", "Dev-F1 differences (points of F1), seeds both rows ran:", "",
+            "| row | reference | seeds | dev difference |", "|---|---|---|---|"]
+    for name, reference in suite.comparisons:
+      seeds = sorted(set(rows.get(name, {})) & set(rows.get(reference, {})))
+      dev = (f"{100 * np.mean([rows[name][s]['dev']['f1'] - rows[reference][s]['dev']['f1'] for s in seeds]):+.2f}"
+             if seeds else "")
+      out.append(f"| {name} | {reference} | {len(seeds)} | {dev} |")
+  elif suite.comparisons:
     out += ["", "Paired test-F1 differences (points of F1), 95 % bootstrap interval over test "
             f"examples ({resamples} resamples), seeds both rows ran:", "",
             "| row | reference | seeds | difference | 95 % interval | dev difference |",
@@ -112,18 +133,19 @@ def figures(suite: suites_lib.Suite, results_dir: pathlib.Path) -> list[pathlib.
   names = [r.name for r in suite.rows if rows.get(r.name)]
   if not names:
     return []
+  split = "dev" if suite.dev_only else "test"
   fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(names), 3.2))
   for i, name in enumerate(names):
-    f1 = 100 * np.array([line["test"]["f1"] for line in rows[name].values()])
+    f1 = 100 * np.array([line[split]["f1"] for line in rows[name].values()])
     ax.bar(i, f1.mean(), yerr=f1.std(ddof=1) if len(f1) > 1 else 0, capsize=4, color="C0")
     ax.plot(np.full(len(f1), i), f1, "k.", markersize=4)
   ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-  low = min(100 * min(l["test"]["f1"] for l in rows[n].values()) for n in names)
+  low = min(100 * min(l[split]["f1"] for l in rows[n].values()) for n in names)
   ax.set_ylim(max(0, low - 3), None)
-  ax.set_ylabel("test F1 (%)")
-  ax.set_title(f"{suite.name}: test F1 of the dev-selected checkpoint")
+  ax.set_ylabel(f"{split} F1 (%)")
+  ax.set_title(f"{suite.name}: {split} F1 of the dev-selected checkpoint")
   fig.tight_layout()
-  bars = results_dir / f"{suite.name}_test_f1.png"
+  bars = results_dir / f"{suite.name}_{split}_f1.png"
   fig.savefig(bars, dpi=120)
   plt.close(fig)
 

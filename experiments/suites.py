@@ -31,6 +31,10 @@ class Suite:
   question: str
   rows: tuple[Row, ...]
   comparisons: tuple[tuple[str, str], ...] = ()
+  # A suite that chooses a setting: its report shows dev F1 only, and test F1 of the ``chosen``
+  # row once one has been chosen (on dev), so that no choice can lean on test.
+  dev_only: bool = False
+  chosen: str = ""
 
   def row(self, name: str) -> Row:
     for row in self.rows:
@@ -87,7 +91,8 @@ SUITES = {s.name: s for s in (
                   (0,)),
               Row("none", {**T17, "align.kind": "none"}, (0,), same_as="ablation-t17/blip2-none")),
         comparisons=(("joint-0.1", "none"), ("separate-0.1", "none"), ("separate-0.1", "joint-0.1"),
-                     ("joint-1.0", "joint-0.1"), ("separate-1.0", "separate-0.1"))),
+                     ("joint-1.0", "joint-0.1"), ("separate-1.0", "separate-0.1")),
+        dev_only=True),
     Suite(
         "msens-t17",
         "How do Twitter-2017 F1 and step time depend on the number M of Monte Carlo "

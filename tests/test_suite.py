@@ -1,5 +1,6 @@
 """The experiment-suite runner (experiments/suite.py) and its report (suite_report.py)."""
 
+import dataclasses
 import gzip
 import itertools
 import json
@@ -73,8 +74,9 @@ FAKE_TRAINER = textwrap.dedent("""
         f.write(json.dumps({"index": i, "pred": [], "num_correct": i % 2, "num_pred": 1,
                             "num_gold": 1}) + "\\n")
     scores = {"precision": f1, "recall": f1, "f1": f1}
+    test = {"precision": f1 + 0.2, "recall": f1 + 0.2, "f1": f1 + 0.2}
     (workdir / "results.json").write_text(json.dumps({
-        "best_step": 10, "last_step": 10, "steps": 10, "dev": scores, "test": scores,
+        "best_step": 10, "last_step": 10, "steps": 10, "dev": scores, "test": test,
         "steps_per_second": 2.0, "compile_seconds": 1.0, "wall_seconds": 3.0,
         "config": {"num_epochs": 1}}))
 """)
@@ -105,7 +107,7 @@ def test_suite_records_each_run_once_skips_recorded_ones_and_stops_on_a_failed_r
   suite_lib.main(args[:2] + ["--rows", "a"] + args[2:])
   lines = suite_lib.read_lines(fake_suite / "results", "fake")
   assert [(l["row"], l["seed"]) for l in lines] == [("a", 0), ("a", 1)]
-  assert lines[1]["test"]["f1"] == pytest.approx(0.6)
+  assert lines[1]["test"]["f1"] == pytest.approx(0.8)
   assert lines[1]["dev_curve"] == [[0.5, pytest.approx(0.5)], [1.0, pytest.approx(0.6)]]
   assert lines[0]["peak_rss_mb"] > 1 and lines[0]["overrides"] == {"num_epochs": 1}
   assert suite_lib.test_counts(fake_suite / "results", "fake", "a", 1)[:2] == [[0, 1, 1],
@@ -124,7 +126,7 @@ def test_a_row_declared_the_same_as_another_suites_row_reuses_its_runs(fake_suit
   assert _calls(fake_suite) == ["a 0", "a 1"]  # nothing trained for c
   [line] = suite_lib.read_lines(fake_suite / "results", "other")
   assert (line["row"], line["seed"], line["same_as"]) == ("c", 1, "fake/a")
-  assert line["test"]["f1"] == pytest.approx(0.6)
+  assert line["test"]["f1"] == pytest.approx(0.8)
   assert suite_lib.test_counts(fake_suite / "results", "other", "c", 1)[1] == [1, 1, 1]
   with pytest.raises(suite_lib.SuiteError, match="overrides differ"):
     suite_lib.main(["run", "other", "--rows", "d", *args])
@@ -144,11 +146,25 @@ def test_report_writes_tables_and_figures(fake_suite):
   suite_lib.main(["run", "fake", "--rows", "a", "--workroot", str(fake_suite / "work"), *args])
   suite_lib.main(["report", "fake", "--resamples", "50", *args])
   page = (fake_suite / "results" / "fake.md").read_text()
-  assert "| a | `--config.num_epochs=1` | 2 of 2 | 55.00 ± 7.07 | 55.00 ± 7.07 |" in page
+  assert "| a | `--config.num_epochs=1` | 2 of 2 | 55.00 ± 7.07 | 75.00 ± 7.07 |" in page
   assert "| a | a | 2 | +0.00 | [+0.00, +0.00] | +0.00 |" in page
   assert "| b |" in page and "0 of 1" in page
   for name in ("fake_test_f1.png", "fake_dev_curves.png"):
     assert (fake_suite / "results" / name).stat().st_size > 1000
+
+
+def test_a_dev_only_suite_shows_test_f1_of_its_chosen_row_only(fake_suite, monkeypatch):
+  args = ["--results_dir", str(fake_suite / "results")]
+  suite_lib.main(["run", "fake", "--rows", "a", "--workroot", str(fake_suite / "work"), *args])
+  fake = suites_lib.SUITES["fake"]
+  for chosen, test_cell in (("", "not shown"), ("a", "75.00 ± 7.07")):
+    monkeypatch.setitem(suites_lib.SUITES, "fake",
+                        dataclasses.replace(fake, dev_only=True, chosen=chosen))
+    suite_lib.main(["report", "fake", "--resamples", "50", *args])
+    page = (fake_suite / "results" / "fake.md").read_text()
+    assert f"| a | `--config.num_epochs=1` | 2 of 2 | 55.00 ± 7.07 | {test_cell} |" in page
+    assert "| a | a | 2 | +0.00 |" in page and "interval" not in page
+    assert (fake_suite / "results" / "fake_dev_f1.png").stat().st_size > 1000
 
 
 def test_unknown_suite_or_row_is_one_line_error(fake_suite, capsys):
