@@ -61,6 +61,12 @@ SUITES = {s.name: s for s in (
         rows=(Row("blip2-shapley", {"num_epochs": 10, "evals_per_epoch": 2,
                                     "early_stop_patience": 2}, seeds=(0,)),)),
     Suite(
+        "protocol-mnre",
+        "How many epochs until MNRE dev F1 stops improving? (MiniCPM-V contexts, Shapley "
+        "alignment, one seed, dev every half epoch, stop after 2 evaluations without a new best)",
+        rows=(Row("minicpm-shapley", {"num_epochs": 10, "evals_per_epoch": 2,
+                                      "early_stop_patience": 2}, seeds=(0,), dataset="mnre"),)),
+    Suite(
         "ablation-t17",
         "On Twitter-2017, what do contexts and each alignment add over text only?",
         rows=(Row("text-only", {**T17, **TEXT_ONLY}, SEEDS3),
