@@ -65,8 +65,11 @@ def commit() -> str:
   return head + ("+dirty" if dirty else "")
 
 
-def flags(overrides: dict[str, Any]) -> list[str]:
-  return [f"--config.{key}={value}" for key, value in sorted(overrides.items())]
+def flags(row: suites_lib.Row, overrides: Optional[dict[str, Any]] = None) -> list[str]:
+  """The command-line flags of ``overrides`` (default: the row's) for the row's script."""
+  prefix = "--" if row.script else "--config."
+  return [f"{prefix}{key}={value}"
+          for key, value in sorted((row.overrides if overrides is None else overrides).items())]
 
 
 def dev_curve(workdir: pathlib.Path) -> list[list[float]]:
@@ -103,9 +106,10 @@ def result_line(suite: suites_lib.Suite, row: suites_lib.Row, seed: int, workdir
 def run_one(row: suites_lib.Row, seed: int, workdir: pathlib.Path) -> Optional[float]:
   """Trains one (row, seed) in a child process; returns its peak resident memory in MiB."""
   workdir.mkdir(parents=True, exist_ok=True)
-  command = [sys.executable, str(EXPERIMENTS / suites_lib.SCRIPTS[row.dataset]),
-             f"--workdir={workdir}", *flags({**row.overrides, "seed": seed}),
-             "--config.progress_bar=False"]
+  script = row.script or suites_lib.SCRIPTS[row.dataset]
+  command = [sys.executable, str(EXPERIMENTS / script), f"--workdir={workdir}",
+             *flags(row, {**row.overrides, "seed": seed}),
+             *([] if row.script else ["--config.progress_bar=False"])]
   with (workdir / "suite.log").open("a") as log:
     log.write(f"$ {' '.join(command)}\n")
     log.flush()
@@ -125,9 +129,10 @@ def recorded_elsewhere(row: suites_lib.Row, seed: int,
     return None
   suite_name, row_name = row.same_as.split("/")
   source = suites_lib.SUITES[suite_name].row(row_name)
-  if (source.dataset, source.overrides) != (row.dataset, row.overrides):
-    raise SuiteError(f"row {row.name} is declared the same as {row.same_as}, but their datasets "
-                     f"or overrides differ: {row.overrides} vs {source.overrides}")
+  if (source.dataset, source.overrides, source.script) != (row.dataset, row.overrides,
+                                                            row.script):
+    raise SuiteError(f"row {row.name} is declared the same as {row.same_as}, but their datasets, "
+                     f"scripts or overrides differ: {row.overrides} vs {source.overrides}")
   lines = [l for l in read_lines(results_dir, suite_name)
            if l["row"] == row_name and l["seed"] == seed]
   return lines[-1] if lines else None
@@ -202,7 +207,7 @@ def main(argv: list[str]) -> int:
     for suite in suites_lib.SUITES.values():
       print(f"{suite.name}: {suite.question}")
       for row in suite.rows:
-        print(f"  {row.name} ({row.dataset}, seeds {list(row.seeds)}): {' '.join(flags(row.overrides))}")
+        print(f"  {row.name} ({row.dataset}, seeds {list(row.seeds)}): {' '.join(flags(row))}")
     return 0
   if args.suite not in suites_lib.SUITES:
     raise SuiteError(f"unknown suite {args.suite!r}; known: {sorted(suites_lib.SUITES)}")

@@ -84,7 +84,7 @@ def tables(suite: suites_lib.Suite, results_dir: pathlib.Path, resamples: int) -
   for row in suite.rows:
     runs = rows.get(row.name, {})
     if not runs:
-      out.append(f"| {row.name} | `{' '.join(suite_lib.flags(row.overrides))}` | 0 of "
+      out.append(f"| {row.name} | `{' '.join(suite_lib.flags(row))}` | 0 of "
                  f"{len(row.seeds)} | | | | | |")
       continue
     lines = [runs[s] for s in sorted(runs)]
@@ -92,7 +92,7 @@ def tables(suite: suites_lib.Suite, results_dir: pathlib.Path, resamples: int) -
                             f"{l['last_step'] * l['epochs'] / l['steps']:.1f}" for l in lines)
     rss = [l["peak_rss_mb"] for l in lines if l.get("peak_rss_mb")]
     out.append(
-        f"| {row.name} | `{' '.join(suite_lib.flags(row.overrides))}` | {len(lines)} of "
+        f"| {row.name} | `{' '.join(suite_lib.flags(row))}` | {len(lines)} of "
         f"{len(row.seeds)} | {_mean_std([l['dev']['f1'] for l in lines])} | "
         f"{_test_cell(suite, row.name, lines)} | {best_epochs} | "
         f"{np.mean([l['steps_per_second'] for l in lines]):.2f} | "

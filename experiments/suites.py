@@ -14,15 +14,23 @@ SCRIPTS = {"twitter2015": "train_twitter15.py", "twitter2017": "train_twitter17.
            "mnre": "train_mnre.py", "jmere": "train_mjere.py"}
 
 
+# The transformers token-classification recipe (a baseline, not our model): plain flags.
+RECIPE = "baselines/hf_token_classification.py"
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
   """One setting of a suite. ``same_as`` ("suite/row") names a row of another suite with the
-  same dataset and overrides: its recorded runs are this row's, not trained twice."""
+  same dataset and overrides: its recorded runs are this row's, not trained twice. ``script``
+  (a path under experiments/) trains the row instead of the dataset's training script: a
+  baseline that takes plain ``--key=value`` flags, ``--seed`` and ``--workdir``, and writes
+  the same results files."""
   name: str
   overrides: dict[str, Any]
   seeds: tuple[int, ...]
   dataset: str = "twitter2017"
   same_as: str = ""
+  script: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +82,14 @@ SUITES = {s.name: s for s in (
               Row("blip2-infonce", {**T17, "align.kind": "infonce"}, SEEDS3),
               Row("blip2-shapley", dict(T17), SEEDS3),
               Row("pgim-none", {**T17, **PGIM, "align.kind": "none"}, (0, 1)),
-              Row("pgim-shapley", {**T17, **PGIM}, (0, 1))),
+              Row("pgim-shapley", {**T17, **PGIM}, (0, 1)),
+              # The recipe users would pick instead, on the same protocol (BLIP-2 contexts).
+              Row("hf-recipe", {"epochs": 10, "stop_after_epochs": 7, "evals_per_epoch": 2},
+                  SEEDS3, script=RECIPE)),
         comparisons=(("blip2-none", "text-only"), ("blip2-infonce", "blip2-none"),
                      ("blip2-shapley", "blip2-none"), ("blip2-shapley", "blip2-infonce"),
-                     ("pgim-none", "blip2-none"), ("pgim-shapley", "pgim-none"))),
+                     ("pgim-none", "blip2-none"), ("pgim-shapley", "pgim-none"),
+                     ("blip2-shapley", "hf-recipe"))),
     Suite(
         "align-sweep-t17",
         "Which alignment setting does Twitter-2017 dev F1 prefer, and does any keep a "

@@ -60,11 +60,12 @@ FAKE_TRAINER = textwrap.dedent("""
     import gzip, json, pathlib, sys
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
     workdir = pathlib.Path(args["workdir"])
+    seed = args.get("config.seed", args.get("seed"))  # ours, or a baseline's plain flags
     with open(workdir.parent.parent / "calls.txt", "a") as f:
-      f.write(f"{workdir.parent.name} {args['config.seed']}\\n")
+      f.write(f"{workdir.parent.name} {seed}\\n")
     if args.get("config.align.kind") == "crash":
       sys.exit(3)
-    f1 = 0.5 + 0.1 * int(args["config.seed"])
+    f1 = 0.5 + 0.1 * int(seed)
     (workdir / "metrics.jsonl").write_text(
         json.dumps({"step": 5, "epoch": 0.5, "dev": {"f1": f1 - 0.1}}) + "\\n" +
         json.dumps({"step": 10, "epoch": 1.0, "dev": {"f1": f1}}) + "\\n" +
@@ -167,6 +168,22 @@ def test_a_dev_only_suite_shows_test_f1_of_its_chosen_row_only(fake_suite, monke
     assert (fake_suite / "results" / "fake_dev_f1.png").stat().st_size > 1000
 
 
+def test_a_baseline_row_runs_its_script_with_plain_flags(fake_suite, monkeypatch):
+  (fake_suite / "bin" / "baseline.py").write_text(FAKE_TRAINER)
+  monkeypatch.setitem(suites_lib.SUITES, "fake", suites_lib.Suite("fake", "?", rows=(
+      suites_lib.Row("r", {"epochs": 2}, (1,), script="baseline.py"),)))
+  suite_lib.main(["run", "fake", "--workroot", str(fake_suite / "work"),
+                  "--results_dir", str(fake_suite / "results")])
+  assert _calls(fake_suite) == ["r 1"]
+  [command] = [l for l in (fake_suite / "work" / "fake" / "r" / "seed1" / "suite.log")
+               .read_text().splitlines() if l.startswith("$ ")]
+  assert command.split()[2:] == [str(fake_suite / "bin" / "baseline.py"),
+                                 f"--workdir={fake_suite / 'work' / 'fake' / 'r' / 'seed1'}",
+                                 "--epochs=2", "--seed=1"]
+  [line] = suite_lib.read_lines(fake_suite / "results", "fake")
+  assert line["test"]["f1"] == pytest.approx(0.8)
+
+
 def test_unknown_suite_or_row_is_one_line_error(fake_suite, capsys):
   with pytest.raises(suite_lib.SuiteError, match="unknown suite 'nope'"):
     suite_lib.main(["run", "nope"])
@@ -175,9 +192,14 @@ def test_unknown_suite_or_row_is_one_line_error(fake_suite, capsys):
 
 
 def test_every_suite_row_is_a_valid_config():
+  from baselines import hf_token_classification as recipe
   from shapca_jax.config import default_config, validate_config
   for suite in suites_lib.SUITES.values():
     for row in suite.rows:
+      if row.script:
+        assert row.script == suites_lib.RECIPE
+        recipe.arguments().parse_args(["--workdir=x", *suite_lib.flags(row)])  # exits if unknown
+        continue
       config = default_config()
       config.data_dir = "x"
       for key, value in row.overrides.items():
