@@ -98,13 +98,10 @@ def contrastive_loss(scores: jax.Array,
   k = scores.shape[0]
   if scores.shape != (k, k):
     raise ValueError(f"scores must be square [k, k] (pairs on the diagonal), got {scores.shape}")
-  left_out = jnp.zeros((k, k), bool)
-  if same_group is not None:
-    left_out = same_group_matrix(same_group)
-  if valid is not None:
-    left_out = left_out | ~valid[:, None]
-  left_out = left_out & ~jnp.eye(k, dtype=bool)  # an anchor's own pair always competes
-  logits = jnp.where(left_out, -jnp.inf, scores / tau)
+  # An anchor's own pair always competes (an invalid anchor's column, weighted 0 below, keeps
+  # only it).
+  competing = negative_pairs(k, same_group, valid) | jnp.eye(k, dtype=bool)
+  logits = jnp.where(competing, scores / tau, -jnp.inf)
   nll = -jnp.diagonal(jax.nn.log_softmax(logits, axis=0))
   weights = jnp.ones((k,), scores.dtype) if valid is None else valid.astype(scores.dtype)
   return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1)
