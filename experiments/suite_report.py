@@ -69,6 +69,34 @@ def _test_cell(suite: suites_lib.Suite, row: str, lines: list[dict[str, Any]]) -
   return _mean_std([l["test"]["f1"] for l in lines])
 
 
+def _comparisons(suite: suites_lib.Suite, rows: dict[str, dict[int, dict[str, Any]]],
+                 results_dir: pathlib.Path, resamples: int) -> list[str]:
+  """The comparison table: the dev difference of each (row, reference) pair over the seeds
+  both ran, and, unless the suite is dev-only, the paired test difference with its interval."""
+  if suite.dev_only:
+    out = ["", "Dev-F1 differences (points of F1), seeds both rows ran:", "",
+           "| row | reference | seeds | dev difference |", "|---|---|---|---|"]
+  else:
+    out = ["", "Paired test-F1 differences (points of F1), 95 % bootstrap interval over test "
+           f"examples ({resamples} resamples), seeds both rows ran:", "",
+           "| row | reference | seeds | difference | 95 % interval | dev difference |",
+           "|---|---|---|---|---|---|"]
+  for name, reference in suite.comparisons:
+    seeds = sorted(set(rows.get(name, {})) & set(rows.get(reference, {})))
+    if not seeds:
+      out.append(f"| {name} | {reference} | 0 |" + " |" * (1 if suite.dev_only else 3))
+      continue
+    dev = np.mean([rows[name][s]["dev"]["f1"] - rows[reference][s]["dev"]["f1"] for s in seeds])
+    test = ""
+    if not suite.dev_only:
+      counts = [np.array([suite_lib.test_counts(results_dir, suite.name, r, s) for s in seeds])
+                for r in (name, reference)]
+      b = paired_bootstrap(*counts, resamples)
+      test = (f" {100 * b['difference']:+.2f} | [{100 * b['low']:+.2f}, {100 * b['high']:+.2f}] |")
+    out.append(f"| {name} | {reference} | {len(seeds)} |{test} {100 * dev:+.2f} |")
+  return out
+
+
 def tables(suite: suites_lib.Suite, results_dir: pathlib.Path, resamples: int) -> str:
   rows = _by_row(suite_lib.read_lines(results_dir, suite.name))
   out = [f"# Suite `{suite.name}`", "", suite.question, "",
@@ -97,30 +125,8 @@ def tables(suite: suites_lib.Suite, results_dir: pathlib.Path, resamples: int) -
         f"{_test_cell(suite, row.name, lines)} | {best_epochs} | "
         f"{np.mean([l['steps_per_second'] for l in lines]):.2f} | "
         f"{f'{max(rss):.0f}' if rss else ''} |")
-  if suite.comparisons and suite.dev_only:
-    out += ["", "Dev-F1 differences (points of F1), seeds both rows ran:", "",
-            "| row | reference | seeds | dev difference |", "|---|---|---|---|"]
-    for name, reference in suite.comparisons:
-      seeds = sorted(set(rows.get(name, {})) & set(rows.get(reference, {})))
-      dev = (f"{100 * np.mean([rows[name][s]['dev']['f1'] - rows[reference][s]['dev']['f1'] for s in seeds]):+.2f}"
-             if seeds else "")
-      out.append(f"| {name} | {reference} | {len(seeds)} | {dev} |")
-  elif suite.comparisons:
-    out += ["", "Paired test-F1 differences (points of F1), 95 % bootstrap interval over test "
-            f"examples ({resamples} resamples), seeds both rows ran:", "",
-            "| row | reference | seeds | difference | 95 % interval | dev difference |",
-            "|---|---|---|---|---|---|"]
-    for name, reference in suite.comparisons:
-      seeds = sorted(set(rows.get(name, {})) & set(rows.get(reference, {})))
-      if not seeds:
-        out.append(f"| {name} | {reference} | 0 | | | |")
-        continue
-      counts = [np.array([suite_lib.test_counts(results_dir, suite.name, r, s) for s in seeds])
-                for r in (name, reference)]
-      b = paired_bootstrap(*counts, resamples)
-      dev = np.mean([rows[name][s]["dev"]["f1"] - rows[reference][s]["dev"]["f1"] for s in seeds])
-      out.append(f"| {name} | {reference} | {len(seeds)} | {100 * b['difference']:+.2f} | "
-                 f"[{100 * b['low']:+.2f}, {100 * b['high']:+.2f}] | {100 * dev:+.2f} |")
+  if suite.comparisons:
+    out += _comparisons(suite, rows, results_dir, resamples)
   return "\n".join(out) + "\n"
 
 
