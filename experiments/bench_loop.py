@@ -47,6 +47,8 @@ RANDOM_BERTS = {
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                       intermediate_size=3072),
 }
+# The BERT uncased vocabulary and BERT's position and token-type tables.
+BERT_VOCAB = dict(vocab_size=30522, max_position_embeddings=512, type_vocab_size=2)
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -57,8 +59,7 @@ def write_random_bert(folder: pathlib.Path, tokenizer_dir: pathlib.Path, **sizes
   import torch
   import transformers
   torch.manual_seed(0)
-  config = transformers.BertConfig(vocab_size=30522, max_position_embeddings=512,
-                                   type_vocab_size=2, **sizes)
+  config = transformers.BertConfig(**BERT_VOCAB, **sizes)
   transformers.BertModel(config, add_pooling_layer=False).save_pretrained(
       folder, safe_serialization=True)
   for name in TOKENIZER_FILES:

@@ -4,26 +4,19 @@ import ast
 import json
 import pathlib
 import shutil
+import sys
 
 from shapca_jax.config import default_config
 
-TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                 intermediate_size=64, max_position_embeddings=512, type_vocab_size=2)
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+import bench_loop  # noqa: E402  (experiments/ is not a package)
+
+TINY_BERT = {**bench_loop.BERT_VOCAB, **bench_loop.RANDOM_BERTS["tiny"]}
 
 
 def write_tiny_bert(folder: pathlib.Path, tokenizer_dir: pathlib.Path) -> pathlib.Path:
   """A randomly initialised 2-layer BERT saved by transformers, with MiniLM's tokenizer."""
-  import torch
-  import transformers
-  torch.manual_seed(0)
-  model = transformers.BertModel(transformers.BertConfig(**TINY_BERT), add_pooling_layer=False)
-  model.save_pretrained(folder, safe_serialization=True)
-  for name in TOKENIZER_FILES:
-    if (tokenizer_dir / name).exists():
-      shutil.copy(tokenizer_dir / name, folder / name)
-  return folder
+  return bench_loop.write_random_bert(folder, tokenizer_dir, **bench_loop.RANDOM_BERTS["tiny"])
 
 
 def _conll_blocks(path: pathlib.Path) -> list[str]:
