@@ -9,6 +9,10 @@ covers test-set sampling, pooled over the seeds, and the seed-to-seed spread sho
 
 A ``dev_only`` suite (one that chooses a setting) shows dev F1 and dev differences only, and
 the test F1 of its ``chosen`` row once one is named.
+
+Rows whose runs recorded the alignment diagnostics (``results.json["alignment"]``) get them in
+a table of their own: the mean over the log steps of the last epoch, then over the seeds that
+have them.
 """
 
 import collections
@@ -97,6 +101,30 @@ def _comparisons(suite: suites_lib.Suite, rows: dict[str, dict[int, dict[str, An
   return out
 
 
+# The diagnostics that say whether the alignment game is still being played (docs/alignment.md).
+DIAGNOSTICS = ("c2t_top1", "t2c_top1", "c2t_phi_margin", "c2t_shapley_infonce_grad_cos",
+               "align_grad_share")
+
+
+def _alignment(suite: suites_lib.Suite, rows: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+  """The alignment diagnostics of the last epoch per row, where its runs recorded them."""
+  measured = {row.name: [line["alignment"]["last_epoch_mean"]
+                         for _, line in sorted(rows.get(row.name, {}).items())
+                         if line.get("alignment")] for row in suite.rows}
+  if not any(measured.values()):
+    return []
+  out = ["", "Alignment diagnostics over the last epoch (mean of its log steps, then of the "
+         "seeds that recorded them; [definitions](../alignment.md#diagnostics)):", "",
+         "| row | seeds | " + " | ".join(f"`{key}`" for key in DIAGNOSTICS) + " |",
+         "|---|---|" + "---|" * len(DIAGNOSTICS)]
+  for name, summaries in measured.items():
+    if summaries:
+      cells = [f"{np.mean([s[key] for s in summaries]):.3f}" if all(key in s for s in summaries)
+               else "" for key in DIAGNOSTICS]
+      out.append(f"| {name} | {len(summaries)} of {len(rows[name])} | " + " | ".join(cells) + " |")
+  return out
+
+
 def tables(suite: suites_lib.Suite, results_dir: pathlib.Path, resamples: int) -> str:
   rows = _by_row(suite_lib.read_lines(results_dir, suite.name))
   out = [f"# Suite `{suite.name}`", "", suite.question, "",
@@ -127,6 +155,7 @@ def tables(suite: suites_lib.Suite, results_dir: pathlib.Path, resamples: int) -
         f"{f'{max(rss):.0f}' if rss else ''} |")
   if suite.comparisons:
     out += _comparisons(suite, rows, results_dir, resamples)
+  out += _alignment(suite, rows)
   return "\n".join(out) + "\n"
 
 

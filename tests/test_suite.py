@@ -212,3 +212,15 @@ def test_every_suite_row_is_a_valid_config():
       assert row.dataset in suites_lib.SCRIPTS
     for name, reference in suite.comparisons:
       suite.row(name), suite.row(reference)
+
+
+def test_the_report_averages_the_last_epoch_diagnostics_over_the_seeds_that_have_them():
+  suite = suites_lib.Suite("fake", "?", rows=(suites_lib.Row("a", {}, (0, 1, 2)),
+                                              suites_lib.Row("b", {}, (0,))))
+  def line(top1):
+    return {"alignment": {"last_epoch_mean": {key: top1 for key in suite_report.DIAGNOSTICS}}}
+  rows = {"a": {0: line(0.5), 1: {}, 2: line(0.75)}, "b": {0: {}}}
+  table = suite_report._alignment(suite, rows)  # pylint: disable=protected-access
+  assert table[-1] == "| a | 2 of 3 | " + " | ".join(["0.625"] * 5) + " |"
+  assert not any(l.startswith("| b |") for l in table)
+  assert suite_report._alignment(suite, {"a": {0: {}}}) == []  # pylint: disable=protected-access
