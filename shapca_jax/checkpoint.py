@@ -33,6 +33,15 @@ Resume rules:
     latest step never holds an evaluation whose best params were lost (a run killed while
     writing the best params resumes from an earlier step and evaluates again), and a kill cuts
     at most one write short.
+
+On one process, writes run on one background thread in the order they were asked for: a save
+takes a device copy of the arrays (so the next, donating, train step may start at once; the
+copy holds one more state in device memory until Orbax has copied it to the host) and returns,
+and the thread waits for the previous write, hands the copy to Orbax and waits for its files.
+Orbax's own host copy and its bookkeeping (tens of milliseconds a save) thus stay off the
+training loop. With several processes Orbax's barriers between them are device collectives,
+which must be issued in the same order as the train step's own on every process, so there the
+caller's thread starts each write (Orbax still writes the files in the background).
 """
 
 import base64
@@ -42,6 +51,8 @@ import fnmatch
 import json
 import logging
 import math
+import queue
+import threading
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
@@ -240,6 +251,13 @@ def _abstract(tree: PyTree) -> PyTree:
 @jax.jit
 def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
   return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+@jax.jit
+def _device_copy(tree: PyTree) -> PyTree:
+  """New buffers with the values of ``tree``'s arrays, on their shardings: a write holds these
+  while the caller's buffers are donated to the next step."""
+  return jax.tree.map(lambda x: x.copy(), tree)
 
 
 def _inexact_leaves(tree: PyTree) -> tuple[list[str], list[jax.Array]]:
@@ -441,15 +459,16 @@ class TrainCheckpointer:
         if step % eval_every == 0:
           ckpt.save_best(step, state.params, evaluate(state.params))
 
-  Saving copies the arrays to host before returning and writes them in the background, so the
-  next (donating) train step may start at once. All processes must make the same calls.
+  Saving takes a device copy of the arrays and returns; the writer thread writes them (see the
+  module docstring), so the next (donating) train step may start at once. All processes must
+  make the same calls, in the same order.
   """
 
   def __init__(self, workdir: Union[str, epath.Path], config: Any, *, save_every_steps: int,
                keep_latest: int = 2, best_metric: str = "f1", best_mode: str = "max",
                resume_ignore_keys: Iterable[str] = (),
                schema_defaults: Mapping[str, Any] = MappingProxyType({}),
-               async_save: bool = True):
+               async_save: bool = True, writer_thread: Optional[bool] = None):
     """Opens (creating if needed) ``workdir/checkpoints`` and checks it against ``config``.
 
     Args:
@@ -464,7 +483,9 @@ class TrainCheckpointer:
         ``"eval.*"``) that may change between a run and its resumption.
       schema_defaults: flat config keys and their defaults; a key the stored config lacks may
         hold its default (see ``config_differences``).
-      async_save: write checkpoints in a background thread.
+      async_save: Orbax writes the files in a background thread.
+      writer_thread: start each write on the checkpointer's own thread (see the module
+        docstring); None: when there is one process.
 
     Raises:
       IncompatibleCheckpointError: stored checkpoints come from a different config.
@@ -478,6 +499,10 @@ class TrainCheckpointer:
     self._config = flatten_config(config)
     self._schema_defaults = flatten_config(schema_defaults)
     self._requested: dict[Any, int] = {}  # manager directory -> step whose write is pending
+    self._threaded = jax.process_count() == 1 if writer_thread is None else writer_thread
+    self._writes: queue.Queue = queue.Queue()  # callables run in order by the writer thread
+    self._failure: Optional[BaseException] = None  # the writer's first failure
+    self._writer: Optional[threading.Thread] = None
     self._save_every = save_every_steps
     self._best_metric = best_metric
     self._best_mode = best_mode
@@ -491,8 +516,9 @@ class TrainCheckpointer:
     except Exception:
       self.close()
       raise
+    self._latest_step = self._latest.latest_step()  # the newest saved or asked-for step
     # A workdir that already holds a latest checkpoint must be resumed before anything is saved.
-    self._may_save = self._latest.latest_step() is None
+    self._may_save = self._latest_step is None
 
   def _check_stored(self, ignore: tuple[str, ...]) -> Optional[dict[str, Any]]:
     """Compares the stored configs with this run's; returns the stored best record."""
@@ -519,7 +545,8 @@ class TrainCheckpointer:
 
   @property
   def latest_step(self) -> Optional[int]:
-    return self._latest.latest_step()
+    """The newest latest step, counting one whose write is still pending."""
+    return self._latest_step
 
   @property
   def best(self) -> Optional[Mapping[str, Any]]:
@@ -561,11 +588,14 @@ class TrainCheckpointer:
     """
     args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(abstract_state)),
                               data=_DataStateRestore(), meta=ocp.args.JsonRestore())
+    self.wait_until_finished()
     newest = self._newest_readable(self._latest, lambda s: self._latest.restore(s, args=args))
     self._may_save = True
     if newest is None:
+      self._latest_step = None
       return None
     step, restored = newest
+    self._latest_step = step
     return _restored(step, restored, self._latest.directory)
 
   def _require_resumed(self):
@@ -592,12 +622,13 @@ class TrainCheckpointer:
       raise ValueError(f"step {step} is not after the latest checkpoint (step {latest}) in "
                        f"{self._latest.directory}; refusing to overwrite it")
     _check_finite(step, state, "the train state")
-    self._confirm_written(self._latest)
-    self._confirm_written(self._best)  # one write at a time, best params before latest
-    self._save(self._latest, step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=_DataStateSave(_encode_data_state(data_state)),
-        meta=ocp.args.JsonSave(self._meta(step, rng=_encode_rng(rng)))))
+    self._latest_step = step
+    state = _device_copy(state)
+    meta = self._meta(step, rng=_encode_rng(rng))
+    data = _encode_data_state(data_state)
+    self._write(lambda: self._save(self._latest, step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=_DataStateSave(data),
+        meta=ocp.args.JsonSave(meta))))
 
   def compile_checks(self, *trees: PyTree):
     """Compiles the NaN/inf check of the saves for these trees (the train state, its params)
@@ -607,6 +638,7 @@ class TrainCheckpointer:
       _, leaves = _inexact_leaves(tree)
       if leaves:
         _finite_flags.lower(leaves).compile()
+      _device_copy.lower(tree).compile()
 
   def save_best(self, step: int, params: PyTree, metrics: Mapping[str, Any]) -> bool:
     """Saves ``params`` if ``metrics[best_metric]`` beats the best so far; returns whether it did.
@@ -627,21 +659,60 @@ class TrainCheckpointer:
         return False
     self._require_resumed()
     _check_finite(step, params, "best params")
-    if step in self._best.all_steps():
-      # Only after a resume that replays steps whose evaluation was already saved.
-      logging.warning("replacing the best checkpoint of step %d (%s = %s) with %s = %s", step,
-                      self._best_metric, self._best_record["value"], self._best_metric, value)
-      self._best.wait_until_finished()
-      self._best.delete(step)
+    previous = self._best_record
     self._best_record = {"metric": self._best_metric, "mode": self._best_mode,
                          "value": value, "step": step}
     summary = {key: float(v) for key, v in metrics.items() if np.ndim(v) == 0}
-    self._confirm_written(self._latest)  # one write at a time: a kill leaves at most one cut
-    self._confirm_written(self._best)
-    self._save(self._best, step, metrics={self._best_metric: value}, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        meta=ocp.args.JsonSave(self._meta(step, metrics=summary))))
+    params = _device_copy(params)
+    meta = self._meta(step, metrics=summary)
+
+    def write():
+      if step in self._best.all_steps():
+        # Only after a resume that replays steps whose evaluation was already saved.
+        logging.warning("replacing the best checkpoint of step %d (%s = %s) with %s = %s", step,
+                        self._best_metric, previous["value"], self._best_metric, value)
+        self._best.delete(step)
+      self._save(self._best, step, metrics={self._best_metric: value}, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+
+    self._write(write)
     return True
+
+  def _write(self, save: Callable[[], None]):
+    """Runs ``save`` (one ``_save``) on the writer thread after the writes asked for before it,
+    then waits there until its files are on disk; raises the writer's failure, if any, first.
+    With several processes: waits for the previous write, then runs ``save`` here."""
+    self.check_writes()
+    if not self._threaded:
+      self._confirm_written(self._latest)  # one write at a time: a kill cuts at most one short
+      self._confirm_written(self._best)
+      save()
+      return
+    if self._writer is None:
+      self._writer = threading.Thread(target=self._run_writes, name="checkpoint-writer",
+                                      daemon=True)
+      self._writer.start()
+
+    def job():
+      save()
+      self._confirm_written(self._latest)  # one write at a time: a kill cuts at most one short
+      self._confirm_written(self._best)
+
+    self._writes.put(job)
+
+  def _run_writes(self):
+    while (job := self._writes.get()) is not None:
+      try:
+        if self._failure is None:  # after a failure nothing more is written
+          job()
+      except BaseException as e:  # pylint: disable=broad-except  # raised on the caller's thread
+        self._failure = e
+      finally:
+        self._writes.task_done()
+    # Here, not on the caller's thread: Orbax raises a failed background write once per thread
+    # that waits for it, and this thread has reported it already.
+    self._close_managers()
+    self._writes.task_done()
 
   def _save(self, manager: ocp.CheckpointManager, step: int, **kwargs: Any):
     """Starts writing ``step``; a write that fails at once (a synchronous item) raises
@@ -682,25 +753,39 @@ class TrainCheckpointer:
     Call it every step: a run whose checkpoint failed (a full disk, say) stops at once instead
     of training on until its next save.
     """
-    for manager in (self._latest, self._best):
-      if manager.directory in self._requested and not manager.is_saving_in_progress():
-        self._confirm_written(manager)
+    if self._failure is not None:
+      failure, self._failure = self._failure, None
+      raise failure
+    if not self._threaded:
+      for manager in (self._latest, self._best):
+        if manager.directory in self._requested and not manager.is_saving_in_progress():
+          self._confirm_written(manager)
 
   def wait_until_finished(self):
     """Blocks until pending asynchronous writes are on disk; raises if one of them failed."""
-    self._confirm_written(self._latest)
-    self._confirm_written(self._best)
+    self._writes.join()
+    self.check_writes()
+    if not self._threaded:
+      self._confirm_written(self._latest)
+      self._confirm_written(self._best)
 
   def close(self):
     """Finishes pending writes and closes both folders; raises the first failure after both."""
-    failures = []
+    if self._writer is not None:
+      self._writes.put(None)
+      self._writer.join()
+      self._writer = None
+    else:
+      self._close_managers()
+    self.check_writes()
+
+  def _close_managers(self):
     for manager in (self._latest, self._best):
       try:
         manager.close()
-      except Exception as e:  # pylint: disable=broad-except  # re-raised below
-        failures.append(e)
-    if failures:
-      raise failures[0]
+      except Exception as e:  # pylint: disable=broad-except  # raised by check_writes
+        if self._failure is None:
+          self._failure = e
 
   def __enter__(self) -> "TrainCheckpointer":
     return self

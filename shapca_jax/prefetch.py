@@ -6,6 +6,10 @@ the step the devices are computing (double buffering with ``depth`` 2). A checkp
 record the batches the loop has *consumed*, not those prepared ahead: each prepared batch
 carries the source's state after it, and ``get_state`` returns the state of the last batch
 handed out, so a run resumed from it continues at the first batch no step has seen.
+
+``depth`` 0 reads and puts each batch on the caller's thread when it is asked for: for a CPU
+backend, whose "device" is the host, there is nothing for a thread to overlap, and its Python
+work would hold the GIL the loop needs to dispatch the step.
 """
 
 import queue
@@ -28,39 +32,47 @@ class DevicePrefetcher(Iterator):
     source: an iterator with ``get_state()``, positioned where the loop starts (after any
       ``set_state``); it is read from the background thread only.
     put: host batch -> device batch (e.g. ``sharding.global_batch`` on the run's mesh).
-    depth: batches ready ahead of the consumer.
+    depth: batches ready ahead of the consumer; 0: no thread, each batch is read and put when
+      ``__next__`` asks for it.
 
   ``seconds`` holds the background thread's time reading the source (``input``) and putting
-  batches on the devices (``host_to_device``). Use it as a context manager, or ``close`` it.
+  batches on the devices (``host_to_device``); with ``depth`` 0 the caller's thread's time.
+  Use it as a context manager, or ``close`` it.
   """
 
   def __init__(self, source: Any, put: Callable[[Any], Any], depth: int = 2):
-    if depth < 1:
-      raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+    if depth < 0:
+      raise ValueError(f"prefetch depth must be >= 0, got {depth}")
     self._source = source
     self._put = put
     self._state = source.get_state()
-    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
     self._stop = threading.Event()
     self.seconds = {"input": 0.0, "host_to_device": 0.0}
-    self._thread = threading.Thread(target=self._fill, name="device-prefetch", daemon=True)
-    self._thread.start()
+    self._thread = None
+    if depth:
+      self._thread = threading.Thread(target=self._fill, name="device-prefetch", daemon=True)
+      self._thread.start()
+
+  def _prepare(self) -> Any:
+    """``(put(next batch), source state after it)``, or ``_END``."""
+    began = time.perf_counter()
+    try:
+      batch = next(self._source)
+    except StopIteration:
+      return _END
+    state = self._source.get_state()
+    put_began = time.perf_counter()
+    item = (self._put(batch), state)
+    self.seconds["input"] += put_began - began
+    self.seconds["host_to_device"] += time.perf_counter() - put_began
+    return item
 
   def _fill(self) -> None:
     try:
       while not self._stop.is_set():
-        began = time.perf_counter()
-        try:
-          batch = next(self._source)
-        except StopIteration:
-          self._offer(_END)
-          return
-        state = self._source.get_state()
-        put_began = time.perf_counter()
-        item = (self._put(batch), state)
-        self.seconds["input"] += put_began - began
-        self.seconds["host_to_device"] += time.perf_counter() - put_began
-        if not self._offer(item):
+        item = self._prepare()
+        if not self._offer(item) or item is _END:
           return
     except BaseException as error:  # pylint: disable=broad-except  # re-raised in __next__
       self._offer(_Failure(error))
@@ -76,6 +88,11 @@ class DevicePrefetcher(Iterator):
     return False
 
   def __next__(self) -> Any:
+    if self._thread is None and self._queue.empty():
+      try:
+        self._queue.put(self._prepare())
+      except Exception as error:  # pylint: disable=broad-except  # raised below, and again
+        self._queue.put(_Failure(error))
     item = self._queue.get()
     if item is _END or isinstance(item, _Failure):
       self._queue.put(item)  # every later call ends the same way
@@ -91,7 +108,8 @@ class DevicePrefetcher(Iterator):
 
   def close(self) -> None:
     self._stop.set()
-    self._thread.join()
+    if self._thread is not None:
+      self._thread.join()
 
   def __enter__(self) -> "DevicePrefetcher":
     return self

@@ -54,10 +54,11 @@ def _open(workdir, config=CONFIG, **kwargs):
   return checkpoint.TrainCheckpointer(workdir, config, **kwargs)
 
 
-def test_round_trip_of_state_data_and_rng(tmp_path):
+@pytest.mark.parametrize("writer_thread", [True, False])
+def test_round_trip_of_state_data_and_rng(tmp_path, writer_thread):
   state, rng = _state(), jax.random.fold_in(jax.random.key(7), 3)
   data_state = {"next_index": 17, "epoch": 1, "shuffle": [3, 1, 2]}
-  with _open(tmp_path) as ckpt:
+  with _open(tmp_path, writer_thread=writer_thread) as ckpt:
     assert ckpt.restore_latest(jax.eval_shape(lambda: state)) is None
     ckpt.save_latest(4, state, data_state=data_state, rng=rng)
 
@@ -164,6 +165,9 @@ ckpt.restore_latest({"w": jnp.zeros((2048, 2048))})
 ckpt.save_latest(1, {"w": jnp.ones((2048, 2048))}, data_state={"pos": 1})
 ckpt.wait_until_finished()
 ckpt.save_latest(2, {"w": jnp.full((2048, 2048), 2.0)}, data_state={"pos": 2})
+folder = ckpt._latest.directory
+while not list(folder.glob("2.orbax-checkpoint-tmp*")):  # the writer thread has begun step 2
+  pass
 os.kill(os.getpid(), signal.SIGKILL)  # while the 16 MB of step 2 are being written
 """
 
@@ -271,6 +275,23 @@ def test_saves_compile_nothing_after_compile_checks(tmp_path):
   assert compiled == []
 
 
+def test_a_save_keeps_the_values_it_was_given_when_the_next_step_donates_them(tmp_path):
+  """Saves write in the background from a device copy: a donating step that reuses the saved
+  arrays' buffers at once must not change what lands on disk."""
+  overwrite = jax.jit(lambda tree: jax.tree.map(lambda x: x * 0 + 7, tree), donate_argnums=0)
+  state = {"w": jnp.arange(4096.0), "step": jnp.int32(2)}
+  params = {"w": jnp.arange(4096.0) * 2}
+  with _open(tmp_path) as ckpt:
+    ckpt.save_best(2, params, {"f1": 0.5})
+    ckpt.save_latest(2, state)
+    state, params = overwrite(state), overwrite(params)
+    jax.block_until_ready((state, params))
+  np.testing.assert_array_equal(checkpoint.restore_latest(tmp_path, state).state["w"],
+                                np.arange(4096.0))
+  np.testing.assert_array_equal(checkpoint.restore_best(tmp_path, params)["w"],
+                                np.arange(4096.0) * 2)
+
+
 def test_data_state_from_another_process_count_is_an_error(tmp_path):
   with _open(tmp_path) as ckpt:
     ckpt.save_latest(2, {"w": jnp.ones(2)}, data_state={"pos": 1})
@@ -327,16 +348,18 @@ def test_relative_workdir_is_resolved(tmp_path, monkeypatch):
   np.testing.assert_array_equal(checkpoint.restore_best("relative_run", state)["w"], state["w"])
 
 
-def test_a_lost_write_is_an_error_at_the_next_save(tmp_path):
+@pytest.mark.parametrize("writer_thread", [True, False])  # False: as with several processes
+def test_a_lost_write_is_an_error_at_the_next_save(tmp_path, monkeypatch, writer_thread):
   # Orbax logs a failed background write and carries on; the next save must refuse to go on.
-  import shutil
   state = {"w": jnp.arange(3.0)}
-  with checkpoint.TrainCheckpointer(tmp_path, {"a": 1}, save_every_steps=1) as c:
+  with checkpoint.TrainCheckpointer(tmp_path, {"a": 1}, save_every_steps=1,
+                                    writer_thread=writer_thread) as c:
     c.save_latest(1, state)
     c.wait_until_finished()
+    monkeypatch.setattr(c._latest, "save", lambda *args, **kwargs: None)  # writes nothing
     c.save_latest(2, state)
-    c._latest.wait_until_finished()
-    shutil.rmtree(tmp_path / "checkpoints" / "latest" / "2")
+    while c._writes.unfinished_tasks:
+      time.sleep(0.01)
     with pytest.raises(checkpoint.CheckpointWriteError, match="step 2"):
       c.save_latest(3, state)
 
@@ -411,15 +434,17 @@ def _failing_writes(monkeypatch, file_name, error):
   monkeypatch.setattr(epath.Path, "write_text", write)
 
 
+@pytest.mark.parametrize("writer_thread", [True, False])
 @pytest.mark.parametrize("file_name,error", [
     ("process_0-of-1.json", OSError(errno.ENOSPC, "No space left on device")),  # while saving
     ("metadata", OSError(errno.ENOSPC, "No space left on device")),  # in the background
     ("metadata", PermissionError(errno.EACCES, "Permission denied"))])
 def test_a_failed_write_stops_at_once_naming_step_folder_and_reason(tmp_path, monkeypatch,
-                                                                     file_name, error):
+                                                                     file_name, error,
+                                                                     writer_thread):
   state = {"w": jnp.arange(3.0)}
   folder = tmp_path.resolve() / "checkpoints" / "latest"
-  with _open(tmp_path, save_every_steps=1) as ckpt:
+  with _open(tmp_path, save_every_steps=1, writer_thread=writer_thread) as ckpt:
     ckpt.save_latest(1, state)
     ckpt.wait_until_finished()
     _failing_writes(monkeypatch, file_name, error)

@@ -24,9 +24,10 @@ def _assert_same(device_batch, host_batch):
     np.testing.assert_array_equal(np.asarray(device_batch[name]), value, err_msg=name)
 
 
-def test_prefetched_batches_are_the_plain_iterators_in_order(make_pipeline):
+@pytest.mark.parametrize("depth", [0, 3])  # 0: no thread, each batch put when asked for
+def test_prefetched_batches_are_the_plain_iterators_in_order(make_pipeline, depth):
   plain = list(iter(make_pipeline()))
-  with DevicePrefetcher(iter(make_pipeline()), jax.device_put, depth=3) as prefetched:
+  with DevicePrefetcher(iter(make_pipeline()), jax.device_put, depth=depth) as prefetched:
     got = list(prefetched)
     with pytest.raises(StopIteration):  # exhausted stays exhausted
       next(prefetched)
@@ -52,7 +53,8 @@ def test_state_resumes_after_the_batches_handed_out(make_pipeline, consumed):
     np.testing.assert_array_equal(got["input_ids"], expected["input_ids"])
 
 
-def test_an_error_in_the_thread_reaches_the_consumer():
+@pytest.mark.parametrize("depth", [0, 2])
+def test_an_error_of_the_source_reaches_the_consumer(depth):
   class Source:
     def __init__(self):
       self.count = 0
@@ -66,7 +68,7 @@ def test_an_error_in_the_thread_reaches_the_consumer():
     def get_state(self):
       return self.count
 
-  with DevicePrefetcher(Source(), jax.device_put) as prefetched:
+  with DevicePrefetcher(Source(), jax.device_put, depth=depth) as prefetched:
     assert [int(next(prefetched)["x"][0]) for _ in range(2)] == [1, 2]
     assert prefetched.get_state() == 2
     for _ in range(2):
