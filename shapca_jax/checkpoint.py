@@ -623,7 +623,7 @@ class TrainCheckpointer:
                        f"{self._latest.directory}; refusing to overwrite it")
     _check_finite(step, state, "the train state")
     self._latest_step = step
-    state = _device_copy(state)
+    state = self._held(state)
     meta = self._meta(step, rng=_encode_rng(rng))
     data = _encode_data_state(data_state)
     self._write(lambda: self._save(self._latest, step, args=ocp.args.Composite(
@@ -638,7 +638,8 @@ class TrainCheckpointer:
       _, leaves = _inexact_leaves(tree)
       if leaves:
         _finite_flags.lower(leaves).compile()
-      _device_copy.lower(tree).compile()
+      if self._threaded:
+        _device_copy.lower(tree).compile()
 
   def save_best(self, step: int, params: PyTree, metrics: Mapping[str, Any]) -> bool:
     """Saves ``params`` if ``metrics[best_metric]`` beats the best so far; returns whether it did.
@@ -663,7 +664,7 @@ class TrainCheckpointer:
     self._best_record = {"metric": self._best_metric, "mode": self._best_mode,
                          "value": value, "step": step}
     summary = {key: float(v) for key, v in metrics.items() if np.ndim(v) == 0}
-    params = _device_copy(params)
+    params = self._held(params)
     meta = self._meta(step, metrics=summary)
 
     def write():
@@ -678,14 +679,18 @@ class TrainCheckpointer:
     self._write(write)
     return True
 
+  def _held(self, tree: PyTree) -> PyTree:
+    """What a write may read after the save returns: a device copy for the writer thread; on
+    the caller's thread Orbax copies ``tree`` to the host before ``save`` returns."""
+    return _device_copy(tree) if self._threaded else tree
+
   def _write(self, save: Callable[[], None]):
     """Runs ``save`` (one ``_save``) on the writer thread after the writes asked for before it,
     then waits there until its files are on disk; raises the writer's failure, if any, first.
     With several processes: waits for the previous write, then runs ``save`` here."""
     self.check_writes()
     if not self._threaded:
-      self._confirm_written(self._latest)  # one write at a time: a kill cuts at most one short
-      self._confirm_written(self._best)
+      self._confirm_all_written()  # one write at a time: a kill cuts at most one short
       save()
       return
     if self._writer is None:
@@ -695,8 +700,7 @@ class TrainCheckpointer:
 
     def job():
       save()
-      self._confirm_written(self._latest)  # one write at a time: a kill cuts at most one short
-      self._confirm_written(self._best)
+      self._confirm_all_written()  # one write at a time: a kill cuts at most one short
 
     self._writes.put(job)
 
@@ -766,8 +770,11 @@ class TrainCheckpointer:
     self._writes.join()
     self.check_writes()
     if not self._threaded:
-      self._confirm_written(self._latest)
-      self._confirm_written(self._best)
+      self._confirm_all_written()
+
+  def _confirm_all_written(self):
+    self._confirm_written(self._latest)
+    self._confirm_written(self._best)
 
   def close(self):
     """Finishes pending writes and closes both folders; raises the first failure after both."""
