@@ -62,6 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from shapca_jax import sharding
+
 PyTree = Any
 DataState = Union[Mapping[str, Any], bytes, None]
 
@@ -242,8 +244,8 @@ def _abstract(tree: PyTree) -> PyTree:
       jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",)), jax.sharding.PartitionSpec())
 
   def leaf(x):
-    sharding = getattr(x, "sharding", None) or replicated
-    return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=sharding)
+    target = getattr(x, "sharding", None) or replicated
+    return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=target)
 
   return jax.tree.map(leaf, tree)
 
@@ -251,13 +253,6 @@ def _abstract(tree: PyTree) -> PyTree:
 @jax.jit
 def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
   return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
-
-
-@jax.jit
-def _device_copy(tree: PyTree) -> PyTree:
-  """New buffers with the values of ``tree``'s arrays, on their shardings: a write holds these
-  while the caller's buffers are donated to the next step."""
-  return jax.tree.map(lambda x: x.copy(), tree)
 
 
 def _inexact_leaves(tree: PyTree) -> tuple[list[str], list[jax.Array]]:
@@ -639,7 +634,7 @@ class TrainCheckpointer:
       if leaves:
         _finite_flags.lower(leaves).compile()
       if self._threaded:
-        _device_copy.lower(tree).compile()
+        sharding.device_copy.lower(tree).compile()
 
   def save_best(self, step: int, params: PyTree, metrics: Mapping[str, Any]) -> bool:
     """Saves ``params`` if ``metrics[best_metric]`` beats the best so far; returns whether it did.
@@ -680,9 +675,10 @@ class TrainCheckpointer:
     return True
 
   def _held(self, tree: PyTree) -> PyTree:
-    """What a write may read after the save returns: a device copy for the writer thread; on
-    the caller's thread Orbax copies ``tree`` to the host before ``save`` returns."""
-    return _device_copy(tree) if self._threaded else tree
+    """What a write may read after the save returns: a device copy for the writer thread (the
+    caller's buffers are donated to the next step); on the caller's thread Orbax copies ``tree``
+    to the host before ``save`` returns."""
+    return sharding.device_copy(tree) if self._threaded else tree
 
   def _write(self, save: Callable[[], None]):
     """Runs ``save`` (one ``_save``) on the writer thread after the writes asked for before it,

@@ -163,3 +163,10 @@ def jit_eval_step(eval_fn: Callable, mesh: Mesh, shardings: PyTree) -> Callable:
   of the predictions, after which every process holds every row of the global batch."""
   return jax.jit(eval_fn, in_shardings=(shardings, batch_sharding(mesh)),
                  out_shardings=replicated(mesh))
+
+
+@jax.jit
+def device_copy(tree: PyTree) -> PyTree:
+  """New buffers with the values of ``tree``'s arrays, on their shardings: what a reader keeps
+  while the original buffers are donated to a step."""
+  return jax.tree.map(lambda x: x.copy(), tree)

@@ -8,7 +8,10 @@ under its key; nested mappings become ``parent/child`` tags (``{"dev": {"f1": ..
 
 The writer is TensorBoard's own event file writer (the one ``torch.utils.tensorboard`` uses):
 it takes host numbers only and writes them from a background thread, so a call never waits on
-the device.
+the device. Its queue holds a log step's events (one per step since the last log step), so
+queuing them does not wait on that thread either. A watching TensorBoard sees each point once
+the thread has written it: on a local disk each write lands in the file at once, and on a
+filesystem without appends (an object store) the thread flushes every ``FLUSH_SECONDS``.
 
 A resumed run replays the steps after its checkpoint. ``resumed(step)`` marks the restart in the
 new event file (TensorBoard's ``SessionLog.START``): TensorBoard's Python loader then drops every
@@ -25,6 +28,9 @@ from typing import Any
 
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+FLUSH_SECONDS = 10
+QUEUE_EVENTS = 1024  # serialised scalar events of a few hundred bytes each
 
 
 def flatten(record: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
@@ -47,7 +53,8 @@ class SummaryWriter:
   """
 
   def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True):
-    self._writer = EventFileWriter(str(logdir)) if enabled else None
+    self._writer = (EventFileWriter(str(logdir), max_queue_size=QUEUE_EVENTS,
+                                    flush_secs=FLUSH_SECONDS) if enabled else None)
 
   def resumed(self, step: int) -> None:
     """Marks that the run goes on from its checkpoint of ``step``: TensorBoard drops the points
@@ -66,11 +73,6 @@ class SummaryWriter:
     if values:
       self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step,
                                              summary=summary_pb2.Summary(value=values)))
-
-  def flush(self) -> None:
-    """Puts what was written so far on disk, for a TensorBoard that watches the run."""
-    if self._writer is not None:
-      self._writer.flush()
 
   def close(self) -> None:
     if self._writer is not None:

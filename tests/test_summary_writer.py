@@ -1,6 +1,8 @@
 """Event files read back by TensorBoard's own loader: the tags, steps and values written, and one
 point per step after a resume."""
 
+import time
+
 import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -56,5 +58,18 @@ def test_a_disabled_writer_writes_no_file(tmp_path):
   with summary_writer.SummaryWriter(tmp_path / "run", enabled=False) as writer:
     writer.resumed(3)
     writer.scalars(1, {"loss": 1.0})
-    writer.flush()
   assert not (tmp_path / "run").exists()
+
+
+def _wait_for(logdir, tag: str, steps: int) -> dict[int, float]:
+  deadline = time.monotonic() + 10
+  while len(got := _scalars(logdir).get(tag, {})) < steps and time.monotonic() < deadline:
+    time.sleep(0.05)
+  return got
+
+
+def test_a_watching_tensorboard_sees_the_points_before_the_run_ends(tmp_path):
+  with summary_writer.SummaryWriter(tmp_path) as writer:
+    for step in (1, 2, 3):
+      writer.scalars(step, {"loss": float(step)})
+    assert _wait_for(tmp_path, "loss", 3) == {1: 1.0, 2: 2.0, 3: 3.0}
