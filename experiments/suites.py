@@ -119,7 +119,9 @@ SUITES = {s.name: s for s in (
     Suite(
         "msens-t17",
         "How do Twitter-2017 F1 and step time depend on the number M of Monte Carlo "
-        "permutations? (the estimator's error against exact Shapley is msens-t17-estimator.md)",
+        "permutations? (the estimator's error against exact Shapley is msens-t17-estimator.md; "
+        "the step time per M, timed on a quiet CPU, is cost-t17.md: this table's steps/s come "
+        "from runs that shared the CPU)",
         rows=(Row("m1", {**T17, "align.num_permutations": 1}, (0, 1)),
               Row("m4", {**T17, "align.num_permutations": 4}, (0, 1)),
               Row("m32", dict(T17), (0, 1), same_as="ablation-t17/blip2-shapley")),
