@@ -61,6 +61,16 @@ def test_alignment_projection_is_a_two_layer_gelu_mlp_then_unit_norm():
   np.testing.assert_allclose(got, out / np.linalg.norm(out, axis=1, keepdims=True), atol=1e-5)
 
 
+def test_alignment_projection_of_a_zero_row_has_finite_gradients():
+  x = _states()[:, 0]
+  module = heads.AlignmentProjection(5)
+  params, _ = _init(module, x)
+  zero_out = jax.tree.map(np.zeros_like, params)  # every row's h is 0, as a padding row's is
+  grads = jax.grad(lambda p: module.apply({"params": p}, x).sum())(zero_out)
+  for g in jax.tree.leaves(grads):
+    assert np.all(np.isfinite(g))
+
+
 def test_tagging_head_scores_each_words_first_piece():
   states, starts = _states(), np.array([[1, 2, 4], [1, 3, 0], [1, 0, 0]])
   module = heads.TaggingHead(4)

@@ -40,7 +40,9 @@ class AlignmentProjection(nn.Module):
                                   name=name)
     h = dense("hidden")(x)
     h = dense("out")(nn.gelu(h, approximate=False)).astype(jnp.float32)
-    return h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
+    # The floor under the squared norm, not the norm: a padding row's h is 0, where the norm's
+    # own gradient is 0/0 and would make every gradient of the batch NaN.
+    return h / jnp.sqrt(jnp.maximum(jnp.sum(h * h, axis=-1, keepdims=True), 1e-24))
 
 
 class TaggingHead(nn.Module):
