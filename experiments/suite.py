@@ -113,7 +113,8 @@ def run_one(row: suites_lib.Row, seed: int, workdir: pathlib.Path) -> Optional[f
   with (workdir / "suite.log").open("a") as log:
     log.write(f"$ {' '.join(command)}\n")
     log.flush()
-    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    # From the checkout, where a row's relative paths (a data_dir override) point.
+    child = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(child.pid, 0)
   code = os.waitstatus_to_exitcode(status)
   if code != 0:

@@ -59,8 +59,10 @@ class Suite:
 # the bucket ladder since `ladder-t17`), so that the rows of a suite share their batching.
 T17 = {"num_epochs": 10, "evals_per_epoch": 2, "stop_after_epochs": 7, "max_buckets": 0}
 TEXT_ONLY = {"use_context": False, "align.kind": "none"}
-# PGIM contexts put the entity list first; 256 tokens hold 99 % of joint inputs.
-PGIM = {"contexts": "pgim", "max_length": 256}
+# PGIM contexts put the entity list first; 256 tokens hold 99 % of joint inputs. They are not in
+# the embedded data: they come from the shared data folder (relative to the checkout, as suite.py
+# runs every row from there), whose Twitter-2017 texts are the embedded ones byte for byte.
+PGIM = {"contexts": "pgim", "max_length": 256, "data_dir": "../shared/data"}
 SEEDS3 = (0, 1, 2)
 
 SUITES = {s.name: s for s in (
