@@ -157,18 +157,20 @@ def test_compile_per_bucket_runs_the_shapes_it_was_given_and_refuses_others():
 
 
 def test_warm_up_calls_each_shape_once_and_leaves_the_donated_state_as_it_was():
-  seen = []
+  calls = []
 
   def record(state, batch):
-    seen.append(batch["x"].shape)
+    jax.debug.callback(lambda width: calls.append(int(width)), batch["x"].shape[1])
     return jax.tree.map(lambda x: x + batch["x"].sum(), state)
 
   step = jax.jit(record, donate_argnums=0)
   state = {"w": jax.numpy.arange(3.0), "b": jax.numpy.ones(())}
   batches = [{"x": np.ones((4, 2), np.float32)}, {"x": np.ones((4, 8), np.float32)}]
   compiled = train.compile_per_bucket(step, state, batches)
+  assert calls == []  # compiling runs nothing
   train.warm_up(compiled, state, batches)
-  assert seen == [(4, 2), (4, 8)]  # traced at compile only; warm-up runs the executables
+  jax.effects_barrier()
+  assert calls == [2, 8]  # each executable ran once
   np.testing.assert_array_equal(state["w"], [0.0, 1.0, 2.0])  # still readable: not donated
   np.testing.assert_array_equal(compiled(state, batches[0])["b"], 9.0)
 
