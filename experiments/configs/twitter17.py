@@ -5,7 +5,8 @@ Command (fresh machine: `make run` does the same after installing):
 
 Hardware and time: a 2-core CPU with the bundled all-MiniLM-L6-v2 text encoder, no images,
 BLIP-2 captions as contexts, Shapley context-text alignment, 4 padded sizes, 3 epochs:
-measured 391 s (setup excluded, 78 s of it compilation; nothing else running), 2.25 steps/s,
+measured 288 s (setup excluded, 56 s of it compilation and warm-up; nothing else running),
+3.03 steps/s,
 dev-selected test F1 81.06 (P 80.85, R 81.27), dev F1 81.50 (experiments/bench_time_to_f1.py
 runs it beside the transformers recipe; docs/loop.md). Converged, seeded suites are in
 docs/results/: 7 epochs reach test 83.70 ± 0.60 (ladder-t17).
