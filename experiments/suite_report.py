@@ -6,6 +6,8 @@ percentile bootstrap interval. Each bootstrap replicate resamples the test examp
 replacement once and applies that resample to every run of both rows (paired by example and by
 seed), recomputing each run's micro F1 from its per-example counts; the interval therefore
 covers test-set sampling, pooled over the seeds, and the seed-to-seed spread shows in the std.
+Per interaction ((a, b), (c, d)): the difference of differences (a - b) - (c - d), bootstrapped
+the same way over the seeds all four rows ran.
 
 A ``dev_only`` suite (one that chooses a setting) shows dev F1 and dev differences only, and
 the test F1 of its ``chosen`` row once one is named.
@@ -16,6 +18,7 @@ have them.
 """
 
 import collections
+from collections.abc import Sequence
 import pathlib
 from typing import Any
 
@@ -33,25 +36,33 @@ def f1_from_counts(counts: np.ndarray) -> np.ndarray:
   return f1
 
 
-def paired_bootstrap(row_counts: np.ndarray, ref_counts: np.ndarray, resamples: int,
-                     seed: int = 0) -> dict[str, float]:
-  """Mean-over-seeds F1 difference (row - reference) and its 95 % bootstrap interval.
+def contrast_bootstrap(terms: Sequence[tuple[float, np.ndarray]], resamples: int,
+                       seed: int = 0) -> dict[str, float]:
+  """A weighted sum of rows' mean-over-seeds F1 (e.g. row - reference) and its 95 % interval.
 
   Args:
-    row_counts, ref_counts: [seeds, examples, 3] per-example counts, the same seeds and
-      examples in the same order.
+    terms: (weight, counts) per row; counts are [seeds, examples, 3] per-example counts, the
+      same seeds and examples in the same order for every row, so that each replicate's
+      resample pairs them by example and by seed.
     resamples: bootstrap replicates.
   """
-  if row_counts.shape != ref_counts.shape:
-    raise ValueError(f"unpaired counts: {row_counts.shape} vs {ref_counts.shape}")
-  n = row_counts.shape[1]
+  shapes = {counts.shape for _, counts in terms}
+  if len(shapes) != 1:
+    raise ValueError(f"unpaired counts: {sorted(shapes)}")
+  n = terms[0][1].shape[1]
   weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=resamples)
   def mean_f1(counts):  # [B, seeds]
     return f1_from_counts(np.einsum("bn,snk->bsk", weights, counts)).mean(axis=1)
-  differences = mean_f1(row_counts) - mean_f1(ref_counts)
-  point = (f1_from_counts(row_counts.sum(1)) - f1_from_counts(ref_counts.sum(1))).mean()
-  low, high = np.percentile(differences, [2.5, 97.5])
+  replicates = sum(w * mean_f1(counts) for w, counts in terms)
+  point = sum(w * f1_from_counts(counts.sum(1)).mean() for w, counts in terms)
+  low, high = np.percentile(replicates, [2.5, 97.5])
   return {"difference": float(point), "low": float(low), "high": float(high)}
+
+
+def paired_bootstrap(row_counts: np.ndarray, ref_counts: np.ndarray, resamples: int,
+                     seed: int = 0) -> dict[str, float]:
+  """Mean-over-seeds F1 difference (row - reference) and its 95 % bootstrap interval."""
+  return contrast_bootstrap(((1.0, row_counts), (-1.0, ref_counts)), resamples, seed)
 
 
 def _by_row(lines: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
@@ -93,11 +104,42 @@ def _comparisons(suite: suites_lib.Suite, rows: dict[str, dict[int, dict[str, An
     dev = np.mean([rows[name][s]["dev"]["f1"] - rows[reference][s]["dev"]["f1"] for s in seeds])
     test = ""
     if not suite.dev_only:
-      counts = [np.array([suite_lib.test_counts(results_dir, suite.name, r, s) for s in seeds])
-                for r in (name, reference)]
-      b = paired_bootstrap(*counts, resamples)
-      test = (f" {100 * b['difference']:+.2f} | [{100 * b['low']:+.2f}, {100 * b['high']:+.2f}] |")
+      b = paired_bootstrap(*(_test_counts(results_dir, suite, r, seeds) for r in (name, reference)),
+                           resamples)
+      test = f" {_interval_cells(b)} |"
     out.append(f"| {name} | {reference} | {len(seeds)} |{test} {100 * dev:+.2f} |")
+  return out
+
+
+def _test_counts(results_dir: pathlib.Path, suite: suites_lib.Suite, row: str,
+                 seeds: list[int]) -> np.ndarray:
+  return np.array([suite_lib.test_counts(results_dir, suite.name, row, s) for s in seeds])
+
+
+def _interval_cells(b: dict[str, float]) -> str:
+  return f"{100 * b['difference']:+.2f} | [{100 * b['low']:+.2f}, {100 * b['high']:+.2f}]"
+
+
+def _interactions(suite: suites_lib.Suite, rows: dict[str, dict[int, dict[str, Any]]],
+                  results_dir: pathlib.Path, resamples: int) -> list[str]:
+  """Differences of paired differences, (a - b) - (c - d): whether a gain depends on a setting
+  (say, what PGIM contexts add with alignment against what they add without). One bootstrap
+  resample applies to all four rows."""
+  out = ["", "Differences of differences (points of F1): (a − b) − (c − d), 95 % bootstrap "
+         f"interval over test examples ({resamples} resamples), seeds all four rows ran:", "",
+         "| a − b | c − d | seeds | difference | 95 % interval | dev difference |",
+         "|---|---|---|---|---|---|"]
+  for (a, b), (c, d) in suite.interactions:
+    seeds = sorted(set.intersection(*(set(rows.get(r, {})) for r in (a, b, c, d))))
+    label = f"| {a} − {b} | {c} − {d} | {len(seeds)} |"
+    if not seeds:
+      out.append(label + " | | |")
+      continue
+    signs = ((a, 1.0), (b, -1.0), (c, -1.0), (d, 1.0))
+    dev = np.mean([sum(w * rows[r][s]["dev"]["f1"] for r, w in signs) for s in seeds])
+    terms = [(w, _test_counts(results_dir, suite, r, seeds)) for r, w in signs]
+    out.append(f"{label} {_interval_cells(contrast_bootstrap(terms, resamples))} | "
+               f"{100 * dev:+.2f} |")
   return out
 
 
@@ -155,6 +197,8 @@ def tables(suite: suites_lib.Suite, results_dir: pathlib.Path, resamples: int) -
         f"{f'{max(rss):.0f}' if rss else ''} |")
   if suite.comparisons:
     out += _comparisons(suite, rows, results_dir, resamples)
+  if suite.interactions and not suite.dev_only:
+    out += _interactions(suite, rows, results_dir, resamples)
   out += _alignment(suite, rows)
   return "\n".join(out) + "\n"
 

@@ -39,6 +39,8 @@ class Suite:
   question: str
   rows: tuple[Row, ...]
   comparisons: tuple[tuple[str, str], ...] = ()
+  # ((a, b), (c, d)): does a - b differ from c - d? The report bootstraps (a - b) - (c - d).
+  interactions: tuple[tuple[tuple[str, str], tuple[str, str]], ...] = ()
   # A suite that chooses a setting: its report shows dev F1 only, and test F1 of the ``chosen``
   # row once one has been chosen (on dev), so that no choice can lean on test.
   dev_only: bool = False
@@ -92,8 +94,10 @@ SUITES = {s.name: s for s in (
                   SEEDS3, script=RECIPE)),
         comparisons=(("blip2-none", "text-only"), ("blip2-infonce", "blip2-none"),
                      ("blip2-shapley", "blip2-none"), ("blip2-shapley", "blip2-infonce"),
-                     ("pgim-none", "blip2-none"), ("pgim-shapley", "pgim-none"),
-                     ("blip2-shapley", "hf-recipe"))),
+                     ("pgim-none", "blip2-none"), ("pgim-shapley", "blip2-shapley"),
+                     ("pgim-shapley", "pgim-none"), ("blip2-shapley", "hf-recipe")),
+        # Does what PGIM contexts add depend on the alignment?
+        interactions=((("pgim-shapley", "blip2-shapley"), ("pgim-none", "blip2-none")),)),
     Suite(
         "align-sweep-t17",
         "Which alignment setting does Twitter-2017 dev F1 prefer, and does any keep a "

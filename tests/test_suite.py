@@ -19,34 +19,54 @@ import suites as suites_lib  # noqa: E402
 from shapca_jax import metrics  # noqa: E402
 
 
-def _exact_bootstrap(row, ref):
+def _exact_bootstrap(terms):
   """Every ordered resample of the n examples, each equally likely: the exact bootstrap
-  distribution of the mean-over-seeds F1 difference, from metrics.prf."""
-  n = row.shape[1]
-  differences = []
+  distribution of sum(weight * mean-over-seeds F1), from metrics.prf."""
+  n = terms[0][1].shape[1]
+  values = []
   for sample in itertools.product(range(n), repeat=n):
     def mean_f1(counts):
       return np.mean([metrics.prf(*counts[s, list(sample)].sum(0))["f1"]
                       for s in range(counts.shape[0])])
-    differences.append(mean_f1(row) - mean_f1(ref))
-  return np.array(differences)
+    values.append(sum(w * mean_f1(counts) for w, counts in terms))
+  return np.array(values)
+
+
+def _random_counts(rng, rows, seeds, examples):
+  gold = rng.integers(1, 4, size=(seeds, examples))
+  counts = []
+  for _ in range(rows):
+    pred = rng.integers(0, 4, size=(seeds, examples))
+    correct = np.minimum(pred, gold) * rng.integers(0, 2, size=(seeds, examples))
+    counts.append(np.stack([correct, pred, gold], -1))
+  return counts
+
+
+def _assert_matches_exact(got, terms):
+  full = sum(w * np.mean([metrics.prf(*c[s].sum(0))["f1"] for s in range(c.shape[0])])
+             for w, c in terms)
+  assert got["difference"] == pytest.approx(full, abs=1e-12)
+  low, high = np.percentile(_exact_bootstrap(terms), [2.5, 97.5])
+  assert got["low"] == pytest.approx(low, abs=0.02)
+  assert got["high"] == pytest.approx(high, abs=0.02)
 
 
 def test_paired_bootstrap_matches_the_exact_bootstrap_distribution():
-  rng = np.random.default_rng(3)
-  gold = rng.integers(1, 4, size=(2, 6))
-  counts = []
-  for _ in range(2):  # two rows, two seeds, six examples
-    pred = rng.integers(0, 4, size=(2, 6))
-    correct = np.minimum(pred, gold) * rng.integers(0, 2, size=(2, 6))
-    counts.append(np.stack([correct, pred, gold], -1))
-  exact = _exact_bootstrap(*counts)
-  got = suite_report.paired_bootstrap(*counts, resamples=40000)
-  full = [np.mean([metrics.prf(*c[s].sum(0))["f1"] for s in range(2)]) for c in counts]
-  assert got["difference"] == pytest.approx(full[0] - full[1], abs=1e-12)
-  low, high = np.percentile(exact, [2.5, 97.5])
-  assert got["low"] == pytest.approx(low, abs=0.02)
-  assert got["high"] == pytest.approx(high, abs=0.02)
+  row, ref = _random_counts(np.random.default_rng(3), rows=2, seeds=2, examples=6)
+  _assert_matches_exact(suite_report.paired_bootstrap(row, ref, resamples=40000),
+                        [(1, row), (-1, ref)])
+
+
+def test_a_difference_of_differences_matches_the_exact_bootstrap_distribution():
+  a, b, c, d = _random_counts(np.random.default_rng(5), rows=4, seeds=2, examples=5)
+  terms = [(1.0, a), (-1.0, b), (-1.0, c), (1.0, d)]
+  _assert_matches_exact(suite_report.contrast_bootstrap(terms, resamples=40000), terms)
+
+
+def test_unpaired_counts_are_refused():
+  counts = np.zeros((2, 5, 3))
+  with pytest.raises(ValueError, match="unpaired"):
+    suite_report.contrast_bootstrap([(1.0, counts), (-1.0, counts[:, :4])], 10)
 
 
 def test_paired_bootstrap_of_a_row_against_itself_is_zero():
@@ -90,7 +110,8 @@ def fake_suite(tmp_path, monkeypatch):
   monkeypatch.setattr(suite_lib, "EXPERIMENTS", tmp_path / "bin")
   suite = suites_lib.Suite("fake", "?", rows=(
       suites_lib.Row("a", {"num_epochs": 1}, (0, 1)),
-      suites_lib.Row("b", {"align.kind": "crash"}, (0,))), comparisons=(("a", "a"),))
+      suites_lib.Row("b", {"align.kind": "crash"}, (0,))), comparisons=(("a", "a"),),
+      interactions=((("a", "a"), ("a", "a")), (("a", "b"), ("a", "a"))))
   monkeypatch.setitem(suites_lib.SUITES, "fake", suite)
   return tmp_path
 
@@ -149,6 +170,8 @@ def test_report_writes_tables_and_figures(fake_suite):
   page = (fake_suite / "results" / "fake.md").read_text()
   assert "| a | `--config.num_epochs=1` | 2 of 2 | 55.00 ± 7.07 | 75.00 ± 7.07 |" in page
   assert "| a | a | 2 | +0.00 | [+0.00, +0.00] | +0.00 |" in page
+  assert "| a − a | a − a | 2 | +0.00 | [+0.00, +0.00] | +0.00 |" in page
+  assert "| a − b | a − a | 0 | | | |" in page
   assert "| b |" in page and "0 of 1" in page
   for name in ("fake_test_f1.png", "fake_dev_curves.png"):
     assert (fake_suite / "results" / name).stat().st_size > 1000
