@@ -70,16 +70,49 @@ class _OneLineOrbaxErrors(logging.Filter):
 _ORBAX_FILTER = _OneLineOrbaxErrors()
 
 
+# Launchers JAX detects by itself: each sets the process count and index its own way.
+CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+# A plain multi-process launch: JAX reads the coordinator's address from the environment but
+# not the process count and index, which launch.py passes on from these two.
+COORDINATOR_ENV, PROCESS_ENV = "JAX_COORDINATOR_ADDRESS", ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def distributed_args(environ: dict[str, str]) -> dict[str, int] | None:
+  """`jax.distributed.initialize` keyword arguments for the launch ``environ`` describes, or
+  None when it is one process. A plain launch (``JAX_COORDINATOR_ADDRESS`` outside SLURM, Open
+  MPI and TPU pods) must set ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; a missing or bad one
+  is a ``ConfigError`` naming it."""
+  cluster = any(environ.get(k) for k in CLUSTER_ENV)
+  if not cluster and not environ.get(COORDINATOR_ENV):
+    return None
+  values = {}
+  for name in PROCESS_ENV:
+    text = environ.get(name, "")
+    if not text:
+      if cluster:
+        continue
+      raise ConfigError(f"{COORDINATOR_ENV} is set, so {name} must be too")
+    try:
+      values[name] = int(text)
+    except ValueError:
+      raise ConfigError(f"{name}={text!r} must be an integer") from None
+  count, index = values.get(PROCESS_ENV[0]), values.get(PROCESS_ENV[1])
+  if count is not None and count < 1:
+    raise ConfigError(f"{PROCESS_ENV[0]}={count} must be >= 1")
+  if index is not None and (index < 0 or (count is not None and index >= count)):
+    raise ConfigError(f"{PROCESS_ENV[1]}={index} must be >= 0 and < {PROCESS_ENV[0]}={count}")
+  return {"num_processes": count, "process_id": index}
+
+
 def maybe_initialize_distributed() -> None:
   """`jax.distributed.initialize()` when launched as one of several processes, else nothing.
 
   TPU pods and SLURM / Open MPI launches are detected by JAX itself; other multi-node GPU
   launches set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
   """
-  launched = any(os.environ.get(k) for k in (
-      "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"))
-  if launched:
-    jax.distributed.initialize()
+  args = distributed_args(dict(os.environ))
+  if args is not None:
+    jax.distributed.initialize(**args)
 
 
 def run(config, workdir: str, debug: bool = False) -> dict:
@@ -90,8 +123,8 @@ def run(config, workdir: str, debug: bool = False) -> dict:
   absl_logging.set_verbosity(absl_logging.WARNING)
   if not debug:
     logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # Orbax logs through absl
-  maybe_initialize_distributed()
   try:
+    maybe_initialize_distributed()
     results = train_and_evaluate(config, workdir)
   except USER_ERRORS as err:
     if debug:

@@ -147,8 +147,23 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 
 def shard(tree: PyTree, shardings: PyTree) -> PyTree:
-  """``tree``'s arrays (host or device) placed on ``shardings``."""
-  return jax.device_put(tree, shardings)
+  """``tree``'s arrays (host or device, the same values on every process) placed on
+  ``shardings`` (a tree like ``tree``, or one sharding for all)."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+  if all(s.is_fully_addressable for s in jax.tree.leaves(shardings)):
+    return jax.device_put(tree, shardings)  # one batched transfer
+  return jax.tree.map(_to_global, tree, shardings)
+
+
+def _to_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """One process's copy of a value every process holds -> the global array on ``sharding``,
+  which spans other processes' devices too (``jax.device_put`` refuses those)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(_to_global(jax.random.key_data(x), sharding),
+                                    impl=jax.random.key_impl(x))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def jit_train_step(step_fn: Callable, mesh: Mesh, shardings: PyTree) -> Callable:
