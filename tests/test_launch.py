@@ -144,9 +144,14 @@ def _free_port() -> int:
 def _train_twitter17(workdir: pathlib.Path, flags: list[str], processes: int, devices: int
                      ) -> list[str]:
   """The training script as ``processes`` processes of ``devices`` CPU devices each (one
-  coordinator on this host); returns their stderr, after checking that each exited with 0."""
+  coordinator on this host); returns their stderr, after checking that each exited with 0.
+  Runs share a compilation cache beside ``workdir``, so that a resumed run does not compile
+  again."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   if processes > 1:
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
                JAX_NUM_PROCESSES=str(processes))
