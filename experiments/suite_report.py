@@ -59,12 +59,6 @@ def contrast_bootstrap(terms: Sequence[tuple[float, np.ndarray]], resamples: int
   return {"difference": float(point), "low": float(low), "high": float(high)}
 
 
-def paired_bootstrap(row_counts: np.ndarray, ref_counts: np.ndarray, resamples: int,
-                     seed: int = 0) -> dict[str, float]:
-  """Mean-over-seeds F1 difference (row - reference) and its 95 % bootstrap interval."""
-  return contrast_bootstrap(((1.0, row_counts), (-1.0, ref_counts)), resamples, seed)
-
-
 def _by_row(lines: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
   rows = collections.defaultdict(dict)
   for line in lines:
@@ -97,27 +91,27 @@ def _comparisons(suite: suites_lib.Suite, rows: dict[str, dict[int, dict[str, An
            "| row | reference | seeds | difference | 95 % interval | dev difference |",
            "|---|---|---|---|---|---|"]
   for name, reference in suite.comparisons:
-    seeds = sorted(set(rows.get(name, {})) & set(rows.get(reference, {})))
-    if not seeds:
-      out.append(f"| {name} | {reference} | 0 |" + " |" * (1 if suite.dev_only else 3))
-      continue
-    dev = np.mean([rows[name][s]["dev"]["f1"] - rows[reference][s]["dev"]["f1"] for s in seeds])
-    test = ""
-    if not suite.dev_only:
-      b = paired_bootstrap(*(_test_counts(results_dir, suite, r, seeds) for r in (name, reference)),
-                           resamples)
-      test = f" {_interval_cells(b)} |"
-    out.append(f"| {name} | {reference} | {len(seeds)} |{test} {100 * dev:+.2f} |")
+    out.append(_contrast_row(f"| {name} | {reference} |", ((name, 1.0), (reference, -1.0)),
+                             suite, rows, results_dir, resamples))
   return out
 
 
-def _test_counts(results_dir: pathlib.Path, suite: suites_lib.Suite, row: str,
-                 seeds: list[int]) -> np.ndarray:
-  return np.array([suite_lib.test_counts(results_dir, suite.name, row, s) for s in seeds])
-
-
-def _interval_cells(b: dict[str, float]) -> str:
-  return f"{100 * b['difference']:+.2f} | [{100 * b['low']:+.2f}, {100 * b['high']:+.2f}]"
+def _contrast_row(label: str, signs: Sequence[tuple[str, float]], suite: suites_lib.Suite,
+                  rows: dict[str, dict[int, dict[str, Any]]], results_dir: pathlib.Path,
+                  resamples: int) -> str:
+  """``label`` then, over the seeds every row of ``signs`` ran, their count, the signed sum of
+  the rows' test F1 with its bootstrap interval (unless the suite is dev-only) and of dev F1."""
+  seeds = sorted(set.intersection(*(set(rows.get(r, {})) for r, _ in signs)))
+  if not seeds:
+    return f"{label} 0 |" + " |" * (1 if suite.dev_only else 3)
+  dev = np.mean([sum(w * rows[r][s]["dev"]["f1"] for r, w in signs) for s in seeds])
+  test = ""
+  if not suite.dev_only:
+    terms = [(w, np.array([suite_lib.test_counts(results_dir, suite.name, r, s) for s in seeds]))
+             for r, w in signs]
+    b = contrast_bootstrap(terms, resamples)
+    test = f" {100 * b['difference']:+.2f} | [{100 * b['low']:+.2f}, {100 * b['high']:+.2f}] |"
+  return f"{label} {len(seeds)} |{test} {100 * dev:+.2f} |"
 
 
 def _interactions(suite: suites_lib.Suite, rows: dict[str, dict[int, dict[str, Any]]],
@@ -130,16 +124,9 @@ def _interactions(suite: suites_lib.Suite, rows: dict[str, dict[int, dict[str, A
          "| a − b | c − d | seeds | difference | 95 % interval | dev difference |",
          "|---|---|---|---|---|---|"]
   for (a, b), (c, d) in suite.interactions:
-    seeds = sorted(set.intersection(*(set(rows.get(r, {})) for r in (a, b, c, d))))
-    label = f"| {a} − {b} | {c} − {d} | {len(seeds)} |"
-    if not seeds:
-      out.append(label + " | | |")
-      continue
-    signs = ((a, 1.0), (b, -1.0), (c, -1.0), (d, 1.0))
-    dev = np.mean([sum(w * rows[r][s]["dev"]["f1"] for r, w in signs) for s in seeds])
-    terms = [(w, _test_counts(results_dir, suite, r, seeds)) for r, w in signs]
-    out.append(f"{label} {_interval_cells(contrast_bootstrap(terms, resamples))} | "
-               f"{100 * dev:+.2f} |")
+    out.append(_contrast_row(f"| {a} − {b} | {c} − {d} |",
+                             ((a, 1.0), (b, -1.0), (c, -1.0), (d, 1.0)),
+                             suite, rows, results_dir, resamples))
   return out
 
 

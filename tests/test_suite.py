@@ -51,10 +51,10 @@ def _assert_matches_exact(got, terms):
   assert got["high"] == pytest.approx(high, abs=0.02)
 
 
-def test_paired_bootstrap_matches_the_exact_bootstrap_distribution():
+def test_a_paired_difference_matches_the_exact_bootstrap_distribution():
   row, ref = _random_counts(np.random.default_rng(3), rows=2, seeds=2, examples=6)
-  _assert_matches_exact(suite_report.paired_bootstrap(row, ref, resamples=40000),
-                        [(1, row), (-1, ref)])
+  terms = [(1.0, row), (-1.0, ref)]
+  _assert_matches_exact(suite_report.contrast_bootstrap(terms, resamples=40000), terms)
 
 
 def test_a_difference_of_differences_matches_the_exact_bootstrap_distribution():
@@ -69,9 +69,9 @@ def test_unpaired_counts_are_refused():
     suite_report.contrast_bootstrap([(1.0, counts), (-1.0, counts[:, :4])], 10)
 
 
-def test_paired_bootstrap_of_a_row_against_itself_is_zero():
+def test_a_row_against_itself_is_zero():
   counts = np.random.default_rng(0).integers(0, 3, size=(3, 50, 3))
-  assert suite_report.paired_bootstrap(counts, counts, 100) == {
+  assert suite_report.contrast_bootstrap([(1.0, counts), (-1.0, counts)], 100) == {
       "difference": 0.0, "low": 0.0, "high": 0.0}
 
 
